@@ -1,0 +1,28 @@
+"""Atomic writes for reports (JSON, CSV): temporary file in the same folder, then rename."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+from onnxopt.errors import OnnxoptError
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    p = pathlib.Path(path)
+    if not p.parent.exists():
+        raise OnnxoptError(f"{p.parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))

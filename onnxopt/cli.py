@@ -1,0 +1,289 @@
+"""The ``onnxopt`` command line: a thin layer over the Python API.
+
+Errors the user can cause print one line on stderr (``onnxopt: error: ...``) and exit
+with status 2; nothing is written in that case. Set ONNXOPT_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from onnxopt.errors import OnnxoptError
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def shape_option(f):
+    return click.option(
+        "--shape",
+        "shapes",
+        multiple=True,
+        metavar="NAME:DIMS",
+        help="Value of an input's dynamic dimensions for sample inputs, e.g. x:1x3x640x640 (repeatable).",
+    )(f)
+
+
+def inputs_option(f):
+    return click.option(
+        "--inputs",
+        type=click.Path(dir_okay=False),
+        help="An .npz file with one array per model input (keys = input names), used instead of generated inputs.",
+    )(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="onnxopt")
+@click.option("-v", "--verbose", is_flag=True, help="Show warnings and progress details.")
+def cli(verbose: bool) -> None:
+    """Make exported ONNX models smaller and faster, and measure the result honestly.
+
+    \b
+    onnxopt optimize model.onnx -o model.opt.onnx   graph rewrites, verified against the original
+    onnxopt compare model.onnx model.opt.onnx       same answers? per-output errors
+    onnxopt inspect model.onnx                      opsets, inputs, op histogram, parameters
+    onnxopt passes                                  every pass and preset
+    onnxopt demo                                    optimize a bundled example and show the table
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="onnxopt: %(message)s")
+
+
+@cli.command()
+def passes() -> None:
+    """List every registered pass and preset with a one-line description."""
+    from onnxopt.passes import all_passes, all_presets, preset_passes
+
+    table = Table(title="Passes", show_lines=False)
+    table.add_column("pass")
+    table.add_column("in default")
+    table.add_column("source")
+    table.add_column("what it does")
+    default = set(preset_passes("default"))
+    for info in all_passes():
+        table.add_row(info.name, "yes" if info.name in default else "", info.source, info.description)
+    out.print(table)
+    presets = Table(title="Presets")
+    presets.add_column("preset")
+    presets.add_column("why / what")
+    presets.add_column("passes")
+    for p in all_presets():
+        presets.add_row(p.name, p.description, ", ".join(preset_passes(p.name)))
+    out.print(presets)
+
+
+def _stats_table(result, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("pass")
+    table.add_column("runs", justify="right")
+    table.add_column("time (ms)", justify="right")
+    table.add_column("nodes before", justify="right")
+    table.add_column("nodes after", justify="right")
+    table.add_column("rewrites", justify="right")
+    table.add_column("status")
+    for s in result.stats:
+        table.add_row(
+            s.name, str(s.runs), f"{s.seconds * 1000:.1f}", str(s.nodes_before), str(s.nodes_after), str(s.rewrites), s.status
+        )
+    table.caption = (
+        f"nodes {result.nodes_before} -> {result.nodes_after} in {result.seconds:.2f} s; "
+        + ("verified against the original" if result.verified else "not verified numerically")
+    )
+    return table
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the optimized model.")
+@click.option("--preset", default="default", show_default=True, help="Named pipeline (see 'onnxopt passes').")
+@click.option("--passes", "pass_list", help="Comma-separated pass names to run instead of the preset.")
+@click.option("--verify", "verify_each", is_flag=True, help="Check the model after every pass, not only at the end.")
+@click.option("--no-verify", is_flag=True, help="Skip the numeric comparison (structural checks still run).")
+@shape_option
+@inputs_option
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE", help="Import passes from a module or .py file (repeatable).")
+@click.option("--rtol", default=1e-4, show_default=True, help="Relative tolerance of the safety net.")
+@click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance of the safety net.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the statistics as JSON.")
+def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, inputs, plugins, rtol, atol, json_path) -> None:
+    """Rewrite MODEL into a smaller, faster equivalent and write it to OUTPUT.
+
+    The result is checked (ONNX checker, ONNX Runtime loads it) and compared with the
+    original on sample inputs; a pass that breaks the model is found, rolled back,
+    reported by name, and the rest of the pipeline still runs. Dynamic dimensions stay
+    dynamic: sample shapes are used only for the comparison.
+    """
+    from onnxopt.inputs import parse_shape_specs
+    from onnxopt.optimize import optimize_file
+    from onnxopt.plugins import load_plugin
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    passes_ = [p.strip() for p in pass_list.split(",") if p.strip()] if pass_list else None
+    if passes_ is not None:
+        from onnxopt.passes import get_pass
+
+        for name in passes_:
+            get_pass(name)
+    else:
+        from onnxopt.passes import preset_passes
+
+        preset_passes(preset)
+    verify = "off" if no_verify else ("each" if verify_each else "final")
+    with console.status("optimizing...") as status:
+        result = optimize_file(
+            model,
+            output,
+            preset=preset,
+            passes=passes_,
+            verify=verify,
+            shapes=parse_shape_specs(shapes),
+            inputs=inputs,
+            rtol=rtol,
+            atol=atol,
+            progress=lambda name: status.update(f"optimizing: {name}"),
+        )
+    out.print(_stats_table(result, f"onnxopt optimize {os.path.basename(model)}"))
+    for name, reason in result.rolled_back.items():
+        console.print(f"[yellow]rolled back[/yellow] {name}: {reason}")
+    for w in result.warnings:
+        console.print(f"[yellow]warning[/yellow] {w}")
+    if json_path:
+        _write_json(json_path, result.as_dict())
+    console.print(f"wrote {output}")
+
+
+@cli.command(name="inspect")
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect_cmd(model, as_json) -> None:
+    """Show MODEL's opsets, inputs/outputs, op histogram, parameters and external data."""
+    from onnxopt.inspection import inspect_model
+
+    info = inspect_model(model)
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    out.print(f"[bold]{info['path']}[/bold]  ({info['file_bytes']:,} bytes, IR v{info['ir_version']}, {info['producer']})")
+    out.print("opsets: " + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in info["opset_imports"].items()))
+    io = Table(title="inputs and outputs")
+    io.add_column("kind")
+    io.add_column("name")
+    io.add_column("type")
+    for v in info["inputs"]:
+        io.add_row("input", v["name"], v["type"])
+    for v in info["outputs"]:
+        io.add_row("output", v["name"], v["type"])
+    out.print(io)
+    ops = Table(title=f"{info['nodes']} nodes ({info['subgraphs']} subgraphs, {info['functions']} functions)")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["op_histogram"].items():
+        ops.add_row(op, str(n))
+    out.print(ops)
+    out.print(f"parameters: {info['parameters']:,} ({info['parameter_bytes'] / 1e6:.2f} MB)")
+    for loc, nbytes in info["external_data"].items():
+        out.print(f"external data: {loc} ({nbytes / 1e6:.2f} MB)")
+
+
+@cli.command()
+@click.argument("model_a", type=click.Path())
+@click.argument("model_b", type=click.Path())
+@shape_option
+@inputs_option
+@click.option("--rtol", default=1e-4, show_default=True, help="Relative tolerance.")
+@click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance.")
+def compare(model_a, model_b, shapes, inputs, rtol, atol) -> None:
+    """Run MODEL_A and MODEL_B on the same inputs and compare every output.
+
+    Prints max absolute/relative error and cosine similarity per output; exits with
+    status 1 if any output is outside the tolerance (|b - a| <= atol + rtol * |a|).
+    """
+    from onnxopt.compare import compare_models
+    from onnxopt.inputs import parse_shape_specs
+
+    diffs = compare_models(model_a, model_b, shapes=parse_shape_specs(shapes), inputs=inputs, rtol=rtol, atol=atol)
+    table = Table(title=f"{os.path.basename(model_b)} vs {os.path.basename(model_a)}")
+    for col in ("output", "shape", "max abs err", "max rel err", "cosine", "within tolerance"):
+        table.add_column(col)
+    for d in diffs:
+        table.add_row(
+            d.name, str(d.shape_new), f"{d.max_abs:.3g}", f"{d.max_rel:.3g}", f"{d.cosine:.6f}", "yes" if d.within else "[red]NO[/red]"
+        )
+    out.print(table)
+    if not all(d.within for d in diffs):
+        console.print(f"outputs differ beyond rtol {rtol:g}, atol {atol:g}")
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), help="Keep the example and its optimized version here.")
+def demo(output_dir) -> None:
+    """Optimize a small bundled example model and print the before/after table."""
+    import tempfile
+
+    from onnxopt.demo import run_demo
+
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        result, paths = run_demo(output_dir)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            result, paths = run_demo(tmp)
+    out.print(_stats_table(result, "onnxopt demo: a Conv/BatchNorm network as a PyTorch export writes it"))
+    out.print(
+        f"nodes {result.nodes_before} -> {result.nodes_after}; outputs match the original within rtol 1e-4"
+        + (f"; files in {output_dir}" if output_dir else "")
+    )
+
+
+def _write_json(path: str, data) -> None:
+    from onnxopt.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and turn user errors into one line on stderr."""
+    try:
+        cli.main(args=argv, prog_name="onnxopt", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.UsageError as e:
+        hint = f" (see 'onnxopt {e.ctx.command.name} --help')" if e.ctx is not None and e.ctx.command is not None and e.ctx.command.name != "cli" else " (see 'onnxopt --help')"
+        click.echo(f"onnxopt: error: {e.format_message()}{hint}", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"onnxopt: error: {e.format_message()}", err=True)
+        return e.exit_code or 1
+    except click.Abort:
+        click.echo("onnxopt: aborted", err=True)
+        return 130
+    except OnnxoptError as e:
+        click.echo(f"onnxopt: error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("onnxopt: interrupted; no output was written", err=True)
+        return 130
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except MemoryError:
+        click.echo("onnxopt: error: out of memory", err=True)
+        return 2
+    except Exception as e:  # a bug: say so in one line, traceback only on request
+        if os.environ.get("ONNXOPT_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        click.echo(f"onnxopt: internal error: {type(e).__name__}: {msg} (set ONNXOPT_DEBUG=1 for the traceback)", err=True)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

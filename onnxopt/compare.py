@@ -1,0 +1,61 @@
+"""``compare``: run two models on the same inputs and report per-output differences."""
+
+from __future__ import annotations
+
+import os
+
+import onnx_ir as ir
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.inputs import model_inputs
+from onnxopt.model_io import load_model
+from onnxopt.optimize import sample_feeds
+from onnxopt.verify import OutputDiff, make_session
+
+
+def compare_models(
+    model_a: ir.Model | str | os.PathLike,
+    model_b: ir.Model | str | os.PathLike,
+    *,
+    shapes=None,
+    inputs=None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> list[OutputDiff]:
+    """Outputs of B against A (the reference) on the same feeds: max abs/rel error and cosine."""
+    a = model_a if isinstance(model_a, ir.Model) else load_model(model_a)
+    b = model_b if isinstance(model_b, ir.Model) else load_model(model_b)
+    names_a = [v.name for v in model_inputs(a)]
+    names_b = [v.name for v in model_inputs(b)]
+    if sorted(names_a) != sorted(names_b):
+        raise OnnxoptError(f"the models have different inputs: {names_a} vs {names_b}")
+    outs_a = [v.name for v in a.graph.outputs]
+    outs_b = [v.name for v in b.graph.outputs]
+    if outs_a != outs_b:
+        raise OnnxoptError(f"the models have different outputs: {outs_a} vs {outs_b}")
+    feeds = sample_feeds(a, shapes=shapes, inputs=inputs)
+    results: dict[str, OutputDiff] = {}
+    sessions = []
+    try:
+        for m, label in ((a, "A"), (b, "B")):
+            try:
+                sessions.append(make_session(m))
+            except Exception as e:
+                raise OnnxoptError(f"model {label} does not load in ONNX Runtime: {str(e).strip().splitlines()[0][:200]}") from None
+        from onnxopt.verify import diff_arrays
+
+        for feed in feeds:
+            try:
+                ra = sessions[0].run(feed)
+                rb = sessions[1].run(feed)
+            except Exception as e:
+                raise OnnxoptError(f"running the models failed: {str(e).strip().splitlines()[0][:200]}") from None
+            for name in outs_a:
+                d = diff_arrays(name, ra[name], rb[name], rtol=rtol, atol=atol)
+                prev = results.get(name)
+                if prev is None or d.max_abs > prev.max_abs or not d.within:
+                    results[name] = d
+    finally:
+        for s in sessions:
+            s.close()
+    return list(results.values())

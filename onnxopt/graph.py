@@ -1,0 +1,64 @@
+"""Small helpers over onnx-ir graphs shared by passes, statistics and the CLI."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+
+def all_graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
+    """The main graph, every subgraph (If/Loop/Scan bodies) and every local function."""
+    yield model.graph
+    yield from model.graph.subgraphs()
+    for func in model.functions.values():
+        yield func
+        for node in func:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    yield attr.value
+                    yield from attr.value.subgraphs()
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for g in attr.value:
+                        yield g
+                        yield from g.subgraphs()
+
+
+def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    for graph in all_graphs(model):
+        yield from graph
+
+
+def count_nodes(model: ir.Model) -> int:
+    """Nodes in the main graph and all subgraphs and functions."""
+    return sum(1 for _ in all_nodes(model))
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    counts = collections.Counter(
+        (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type) for n in all_nodes(model)
+    )
+    return dict(counts.most_common())
+
+
+def parameter_stats(model: ir.Model) -> tuple[int, int]:
+    """(number of parameters, bytes) over initializers of all graphs."""
+    count = 0
+    nbytes = 0
+    seen: set[int] = set()
+    for graph in all_graphs(model):
+        if not isinstance(graph, ir.Graph):
+            continue
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            count += tensor.size
+            nbytes += tensor.nbytes
+    return count, nbytes
+
+
+def opset_version(model: ir.Model, domain: str = "") -> int | None:
+    return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx") if domain == "" else None)

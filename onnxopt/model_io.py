@@ -1,0 +1,229 @@
+"""Loading and saving models through onnx-ir, safely.
+
+- Loading validates the file (exists, parses, external data stays inside the model's
+  folder) before anything else sees it; tensors stay memory-mapped, so a model over
+  2 GB never goes through a single protobuf.
+- Saving is atomic: the model (and its external data) is written under temporary
+  names in the destination folder and renamed into place only when complete, so an
+  interrupted run never leaves a partial file, and the input is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxopt.errors import OnnxoptError
+
+# Models whose tensors add up to more than this are saved with external data: the
+# protobuf format cannot hold more than 2 GB in one message.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+
+def _iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graph_protos(g)
+
+
+def _iter_tensor_protos(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    graphs = list(_iter_graph_protos(model.graph))
+    for func in model.functions:
+        for node in func.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.extend(_iter_graph_protos(attr.g))
+    for graph in graphs:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Refuse external-data locations that escape the model's folder; return the files used.
+
+    A model is untrusted input: a location such as ``/etc/passwd``, ``../secret`` or a
+    symlink pointing out of the folder would make us read (and later copy) files the
+    user never meant to hand over.
+    """
+    base = base_dir.resolve()
+    files: set[pathlib.Path] = set()
+    for tensor in _iter_tensor_protos(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        name = tensor.name or "<unnamed>"
+        if not location:
+            raise OnnxoptError(f"tensor {name!r} uses external data but names no file")
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise OnnxoptError(
+                f"tensor {name!r}: external data location {location!r} is an absolute path; "
+                "only files inside the model's folder are allowed"
+            )
+        if ".." in pathlib.PurePath(location.replace("\\", "/")).parts:
+            raise OnnxoptError(
+                f"tensor {name!r}: external data location {location!r} points outside the model's folder"
+            )
+        path = (base / location).resolve()
+        if base != path and base not in path.parents:
+            raise OnnxoptError(
+                f"tensor {name!r}: external data location {location!r} resolves outside the "
+                f"model's folder (to {path})"
+            )
+        if not path.is_file():
+            raise OnnxoptError(f"tensor {name!r}: external data file {location!r} is missing")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info.get("length", 0) or 0)
+        except ValueError:
+            raise OnnxoptError(f"tensor {name!r}: external data offset/length is not a number") from None
+        if offset < 0 or length < 0 or offset + length > path.stat().st_size:
+            raise OnnxoptError(
+                f"tensor {name!r}: external data range {offset}+{length} is past the end of {location!r}"
+            )
+        files.add(path)
+    return sorted(files)
+
+
+def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Read and validate a model file without loading external tensors."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise OnnxoptError(f"{p}: no such file")
+    if p.is_dir():
+        raise OnnxoptError(f"{p}: is a folder, not an ONNX model file")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError, OSError) as e:
+        raise OnnxoptError(f"{p}: not a valid ONNX model ({_first_line(e) or type(e).__name__})") from None
+    except Exception as e:  # protobuf raises a variety of internal errors on garbage
+        raise OnnxoptError(f"{p}: not a valid ONNX model ({type(e).__name__})") from None
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise OnnxoptError(f"{p}: not a valid ONNX model (no graph)")
+    if not proto.opset_import:
+        raise OnnxoptError(f"{p}: model declares no opset import")
+    check_external_data(proto, p.parent)
+    if check:
+        try:
+            # Full check on a copy that carries no external data (it is validated above);
+            # the checker reads external files itself only when given a path.
+            onnx.checker.check_model(proto, full_check=False)
+        except onnx.checker.ValidationError as e:
+            raise OnnxoptError(f"{p}: fails the ONNX checker: {_first_line(e)}") from None
+        except Exception as e:
+            raise OnnxoptError(f"{p}: fails the ONNX checker: {_first_line(e) or type(e).__name__}") from None
+    return proto
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
+    """Load a model as an onnx-ir Model; external tensors stay memory-mapped from their files."""
+    p = pathlib.Path(path)
+    proto = load_proto(p, check=check)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise OnnxoptError(f"{p}: cannot be read as an ONNX graph: {_first_line(e) or type(e).__name__}") from None
+    ir.external_data.set_base_dir(model.graph, str(p.parent))
+    # Remember where the model came from, so saving refuses to overwrite it.
+    model.meta["onnxopt.source_path"] = str(p.resolve())
+    return model
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Total bytes of initializers (main graph and subgraphs)."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> pathlib.Path:
+    """Validate an output path before any work is done."""
+    out = pathlib.Path(output)
+    if out.is_dir():
+        raise OnnxoptError(f"{out}: is a folder; give a file name for the output model")
+    if not out.parent.exists():
+        raise OnnxoptError(f"{out.parent}: output folder does not exist")
+    for inp in inputs:
+        if inp is None:
+            continue
+        ip = pathlib.Path(inp)
+        same = os.path.abspath(out) == os.path.abspath(ip) or (
+            ip.exists() and out.exists() and out.resolve() == ip.resolve()
+        )
+        if same:
+            raise OnnxoptError(f"{out}: output path is the input model; write the result to a new file")
+    return out
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+) -> pathlib.Path:
+    """Save atomically; large models get their tensors in ``<name>.data`` beside the file.
+
+    ``external_data=None`` decides by size (over ~1.8 GB of tensors goes external).
+    """
+    out = pathlib.Path(path)
+    source = model.meta.get("onnxopt.source_path")
+    check_output_path(out, source)
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    data_name = out.name + ".data"
+    with _temporary_dir(out.parent) as tmp:
+        tmp_model = tmp / out.name
+        try:
+            if external_data:
+                ir.save(model, tmp_model, external_data=data_name)
+            else:
+                # A small model comes out self-contained: external tensors are read in.
+                ir.external_data.load_to_model(model)
+                ir.save(model, tmp_model)
+        except OSError as e:
+            raise OnnxoptError(f"{out}: cannot write: {e.strerror or e}") from None
+        # Data first, model last: the model file appearing is the sign of a complete write.
+        if external_data:
+            os.replace(tmp / data_name, out.parent / data_name)
+        os.replace(tmp_model, out)
+    return out
+
+
+@contextlib.contextmanager
+def _temporary_dir(parent: pathlib.Path) -> Iterator[pathlib.Path]:
+    # Same folder as the destination, so the final rename is atomic (same file system).
+    tmp = tempfile.mkdtemp(prefix=".onnxopt-tmp-", dir=parent)
+    try:
+        yield pathlib.Path(tmp)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""

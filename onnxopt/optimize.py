@@ -1,0 +1,100 @@
+"""``optimize``: the graph-rewrite pipeline with the safety net, as one function.
+
+The CLI command ``onnxopt optimize`` is a thin wrapper over :func:`optimize_file`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.inputs import load_npz_inputs, make_sample_inputs, validate_feeds
+from onnxopt.model_io import check_output_path, load_model, save_model
+from onnxopt.passes.manager import PassManager, PassSpec, PipelineResult
+from onnxopt.passes.registry import preset_passes
+from onnxopt.plugins import load_plugin
+from onnxopt.verify import Verifier, check_model
+
+ModelLike = ir.Model | str | os.PathLike
+
+
+def sample_feeds(
+    model: ir.Model,
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
+    count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """Feeds for verification: the user's (.npz path, a dict, or a list of dicts) or generated."""
+    if inputs is None:
+        return [make_sample_inputs(model, shapes, seed=i) for i in range(count)]
+    if isinstance(inputs, (str, os.PathLike)):
+        return [load_npz_inputs(inputs, model)]
+    feeds = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
+    for f in feeds:
+        validate_feeds(model, f)
+    return feeds
+
+
+def _as_model(model: ModelLike) -> ir.Model:
+    if isinstance(model, ir.Model):
+        return model
+    return load_model(model)
+
+
+def optimize(
+    model: ModelLike,
+    *,
+    preset: str = "default",
+    passes: Sequence[PassSpec] | None = None,
+    verify: str = "final",
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    inputs=None,
+    plugins: Sequence[str] = (),
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    progress: Callable[[str], None] | None = None,
+) -> PipelineResult:
+    """Optimize a model (path or ``onnx_ir.Model``); the input is never modified.
+
+    ``passes`` (names, pass instances or classes) replaces the preset when given.
+    ``verify``: "final" (check the result, bisect and roll back a breaking pass),
+    "each" (check after every pass), or "off".
+    Returns a :class:`PipelineResult` with ``.model`` and per-pass ``.stats``.
+    """
+    for plugin in plugins:
+        load_plugin(plugin)
+    ir_model = _as_model(model)
+    specs = list(passes) if passes is not None else preset_passes(preset)
+    if not specs:
+        raise OnnxoptError("no passes to run")
+    verifier = None
+    if verify != "off":
+        feeds = sample_feeds(ir_model, shapes=shapes, inputs=inputs)
+        verifier = Verifier.from_model(ir_model, feeds, rtol=rtol, atol=atol)
+    elif shapes:
+        from onnxopt.inputs import check_input_names
+
+        check_input_names(ir_model, list(shapes))
+    manager = PassManager(specs, verifier=verifier, verify=verify, progress=progress)
+    result = manager.run(ir_model)
+    check_model(result.model)
+    return result
+
+
+def optimize_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    **kwargs,
+) -> PipelineResult:
+    """Load, optimize and atomically save; options as in :func:`optimize`."""
+    check_output_path(output_path, input_path)
+    model = load_model(input_path)
+    result = optimize(model, **kwargs)
+    save_model(result.model, pathlib.Path(output_path))
+    return result

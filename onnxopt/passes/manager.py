@@ -1,0 +1,285 @@
+"""The pass manager: runs a pipeline with statistics and the safety net.
+
+Statistics: for each pass run, wall time, node count before/after and rewrites
+applied (a pass may report ``self.rewrites``; otherwise "modified" counts as one).
+
+Safety net: the original model's outputs on the sample inputs are the reference.
+- ``verify="final"`` (default): the pipeline runs, then the result is checked
+  (ONNX checker, ORT loads it, outputs within tolerance). If it fails, the culprit
+  is found by bisection over pipeline prefixes from the pristine original, removed,
+  reported by name, and the pipeline runs again without it.
+- ``verify="each"`` (``--verify``): the model is checked after every pass; a pass
+  that breaks it is rolled back to the snapshot taken just before it.
+- ``verify="off"``: no numeric checks (the structural check still runs at save).
+A pass that raises is rolled back and reported in every mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import onnx_ir as ir
+
+from onnxopt.errors import OnnxoptError, VerificationError
+from onnxopt.graph import count_nodes
+from onnxopt.passes.registry import PassInfo, get_pass
+from onnxopt.verify import Verifier
+
+logger = logging.getLogger("onnxopt")
+
+FIXED_POINT_CAP = 10
+PIPELINE_ITERATION_CAP = 5
+
+
+@dataclasses.dataclass
+class PassStat:
+    name: str
+    runs: int = 0
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    rewrites: int = 0
+    status: str = "ok"  # ok | rolled back: <reason> | failed: <reason>
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    model: ir.Model
+    stats: list[PassStat]
+    rolled_back: dict[str, str]  # pass name -> reason
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+    verified: bool
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "seconds": self.seconds,
+            "verified": self.verified,
+            "rolled_back": self.rolled_back,
+            "warnings": self.warnings,
+            "passes": [s.as_dict() for s in self.stats],
+        }
+
+
+PassSpec = str | ir.passes.PassBase | PassInfo
+
+
+def resolve_passes(specs: Sequence[PassSpec]) -> list[PassInfo]:
+    """Names, registry entries or pass instances/classes into PassInfo entries."""
+    infos = []
+    for spec in specs:
+        if isinstance(spec, PassInfo):
+            infos.append(spec)
+        elif isinstance(spec, str):
+            infos.append(get_pass(spec))
+        elif isinstance(spec, ir.passes.PassBase):
+            infos.append(PassInfo(type(spec).__name__, (type(spec).__doc__ or "").strip().split("\n")[0], lambda s=spec: s, source="user"))
+        elif isinstance(spec, type) and issubclass(spec, ir.passes.PassBase):
+            infos.append(PassInfo(spec.__name__, (spec.__doc__ or "").strip().split("\n")[0], spec, source="user"))
+        else:
+            raise OnnxoptError(f"not a pass: {spec!r}")
+    return infos
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    # Round trip through the serializer: a deep, independent copy whose external
+    # tensors stay memory-mapped (they are not read).
+    proto = ir.serde.serialize_model(model)
+    clone = ir.serde.deserialize_model(proto)
+    for key in ("onnxopt.source_path",):
+        if key in model.meta:
+            clone.meta[key] = model.meta[key]
+    _copy_base_dir(model, clone)
+    return clone
+
+
+def _copy_base_dir(src: ir.Model, dst: ir.Model) -> None:
+    import os
+
+    source = src.meta.get("onnxopt.source_path")
+    if source:
+        ir.external_data.set_base_dir(dst.graph, os.path.dirname(source))
+
+
+def _run_one(info: PassInfo, model: ir.Model, stat: PassStat) -> ir.Model:
+    """Run one pass (to its fixed point if it asks), updating its statistics."""
+    cap = FIXED_POINT_CAP if info.fixed_point else 1
+    for i in range(cap):
+        pass_ = info.factory()
+        before = count_nodes(model)
+        start = time.perf_counter()
+        result = pass_(model)
+        stat.seconds += time.perf_counter() - start
+        stat.runs += 1
+        model = result.model
+        after = count_nodes(model)
+        if stat.runs == 1:
+            stat.nodes_before = before
+        stat.nodes_after = after
+        rewrites = getattr(pass_, "rewrites", None)
+        if rewrites is None:
+            rewrites = max(abs(before - after), 1) if result.modified else 0
+        stat.rewrites += int(rewrites)
+        if not result.modified:
+            break
+        if info.fixed_point and i == cap - 1:
+            logger.warning("pass %s did not reach a fixed point in %d iterations", info.name, cap)
+    return model
+
+
+class PassManager:
+    """Runs a list of passes with statistics and the safety net."""
+
+    def __init__(
+        self,
+        passes: Sequence[PassSpec],
+        *,
+        verifier: Verifier | None = None,
+        verify: str = "final",
+        iterate: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ):
+        if verify not in ("final", "each", "off"):
+            raise ValueError(f"verify must be final, each or off, not {verify!r}")
+        self.infos = resolve_passes(passes)
+        self.verifier = verifier
+        self.verify = verify if verifier is not None else "off"
+        self.iterate = iterate
+        self.progress = progress or (lambda _msg: None)
+
+    def run(self, model: ir.Model) -> PipelineResult:
+        start = time.perf_counter()
+        nodes_before = count_nodes(model)
+        # The caller's model is never modified; the pristine copy also serves rollbacks.
+        pristine = _clone(model)
+        excluded: dict[str, str] = {}
+        warnings: list[str] = []
+        while True:
+            work = _clone(pristine)
+            try:
+                work, stats, failures = self._run_pipeline(work, excluded, warnings)
+            except _Restart as restart:
+                excluded.update(restart.failures)
+                continue
+            excluded.update(failures)
+            if self.verify != "final":
+                break
+            try:
+                self.verifier.verify(work)
+                break
+            except VerificationError as e:
+                culprit = self._bisect(pristine, excluded)
+                if culprit is None:
+                    # The combination broke it but no prefix alone: give up on all passes.
+                    excluded.update({i.name: f"pipeline result failed verification: {e}" for i in self.infos})
+                    work = _clone(pristine)
+                    stats = [PassStat(i.name, status="rolled back") for i in self.infos]
+                    break
+                excluded[culprit[0]] = culprit[1]
+                logger.warning("pass %s broke the model (%s); rolled back", culprit[0], culprit[1])
+        for stat in stats:
+            if stat.name in excluded and stat.status == "ok":
+                stat.status = f"rolled back: {excluded[stat.name]}"
+        return PipelineResult(
+            model=work,
+            stats=stats,
+            rolled_back=excluded,
+            nodes_before=nodes_before,
+            nodes_after=count_nodes(work),
+            seconds=time.perf_counter() - start,
+            verified=self.verify != "off",
+            warnings=warnings,
+        )
+
+    def _run_pipeline(
+        self, model: ir.Model, excluded: dict[str, str], warnings: list[str], limit: int | None = None
+    ) -> tuple[ir.Model, list[PassStat], dict[str, str]]:
+        """One pipeline run (iterated to a fixed point); returns model, stats, new failures."""
+        infos = [i for i in self.infos[:limit] if i.name not in excluded]
+        stats = {i.name: PassStat(i.name) for i in self.infos[:limit]}
+        failures: dict[str, str] = {}
+        rounds = PIPELINE_ITERATION_CAP if self.iterate else 1
+        for round_ in range(rounds):
+            changed = False
+            for info in infos:
+                if info.name in failures:
+                    continue
+                self.progress(info.name)
+                stat = stats[info.name]
+                snapshot = _clone(model) if self.verify == "each" else None
+                rewrites_before = stat.rewrites
+                try:
+                    model = _run_one(info, model, stat)
+                except Exception as e:  # a crashing pass must not take the run down
+                    reason = f"raised {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                    failures[info.name] = reason
+                    stat.status = f"failed: {reason}"
+                    logger.warning("pass %s %s; rolled back", info.name, reason)
+                    if snapshot is None:
+                        # Without a snapshot the model may be half-rewritten: start over without it.
+                        raise _Restart(failures) from None
+                    model = snapshot
+                    continue
+                if snapshot is not None and stat.rewrites > rewrites_before:
+                    try:
+                        self.verifier.verify(model)
+                    except VerificationError as e:
+                        failures[info.name] = str(e)
+                        stat.status = f"rolled back: {e}"
+                        logger.warning("pass %s broke the model (%s); rolled back", info.name, e)
+                        model = snapshot
+                        continue
+                changed = changed or stat.rewrites > rewrites_before
+            if not changed:
+                break
+            if round_ == rounds - 1 and rounds > 1:
+                warnings.append(f"pipeline still changing the model after {rounds} rounds; stopped there")
+        return model, list(stats.values()), failures
+
+    def _bisect(self, pristine: ir.Model, excluded: dict[str, str]) -> tuple[str, str] | None:
+        """Smallest pipeline prefix whose result fails verification; its last pass is the culprit."""
+        candidates = [i for i in range(len(self.infos)) if self.infos[i].name not in excluded]
+        lo, hi = 0, len(candidates)  # invariant: prefix of lo candidates passes, of hi fails
+        reason = ""
+        # The full pipeline just failed; re-check it so a flaky failure does not blame a pass.
+        ok, reason_full = self._prefix_ok(pristine, excluded, candidates[-1] + 1 if candidates else 0)
+        if ok:
+            return None
+        reason = reason_full
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            ok, why = self._prefix_ok(pristine, excluded, candidates[mid - 1] + 1)
+            if ok:
+                lo = mid
+            else:
+                hi, reason = mid, why
+        return self.infos[candidates[hi - 1]].name, reason
+
+    def _prefix_ok(self, pristine: ir.Model, excluded: dict[str, str], limit: int) -> tuple[bool, str]:
+        work = _clone(pristine)
+        try:
+            work, _, failures = self._run_pipeline(work, excluded, [], limit=limit)
+        except _Restart as restart:
+            excluded.update(restart.failures)
+            return self._prefix_ok(pristine, excluded, limit)
+        try:
+            self.verifier.verify(work)
+            return True, ""
+        except VerificationError as e:
+            return False, str(e)
+
+
+class _Restart(Exception):
+    def __init__(self, failures: dict[str, str]):
+        super().__init__("restart")
+        self.failures = failures

@@ -1,0 +1,62 @@
+"""onnx-ir's own cleanup passes, registered under onnxopt names.
+
+They are used as they are: onnx-ir maintains them, they descend into subgraphs and
+keep graph outputs intact. Each is measured in the statistics like any other pass.
+"""
+
+from __future__ import annotations
+
+import onnx_ir.passes.common as common
+
+from onnxopt.passes.registry import register_pass
+
+register_pass(
+    "lift-constants",
+    "Turn Constant nodes into initializers (onnx-ir LiftConstantsToInitializersPass)",
+    preset_order=10,
+    source="onnx-ir",
+    factory=lambda: common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+)
+register_pass(
+    "remove-initializers-from-inputs",
+    "Drop initializers listed as graph inputs in old IR versions (onnx-ir)",
+    source="onnx-ir",
+    factory=common.RemoveInitializersFromInputsPass,
+)
+register_pass(
+    "identity-elimination",
+    "Remove Identity nodes, keeping graph output names (onnx-ir IdentityEliminationPass)",
+    preset_order=20,
+    source="onnx-ir",
+    factory=common.IdentityEliminationPass,
+)
+register_pass(
+    "cse",
+    "Merge nodes computing the same op on the same inputs (onnx-ir CommonSubexpressionEliminationPass)",
+    preset_order=800,
+    source="onnx-ir",
+    factory=common.CommonSubexpressionEliminationPass,
+)
+register_pass(
+    "dedup-initializers",
+    "Merge initializers with identical type, shape and bytes (onnx-ir DeduplicateInitializersPass)",
+    preset_order=810,
+    source="onnx-ir",
+    factory=common.DeduplicateInitializersPass,
+)
+register_pass(
+    "remove-unused",
+    "Remove nodes, initializers, functions and opset imports nothing uses (onnx-ir)",
+    preset_order=900,
+    source="onnx-ir",
+    factory=lambda: __import__("onnx_ir").passes.Sequential(
+        common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()
+    ),
+)
+register_pass(
+    "topological-sort",
+    "Order nodes topologically in every graph (onnx-ir TopologicalSortPass)",
+    preset_order=1000,
+    source="onnx-ir",
+    factory=common.TopologicalSortPass,
+)

@@ -1,0 +1,88 @@
+"""User passes from their own modules.
+
+``--plugin my_module`` (or ``plugins=["my_module"]`` in the API) imports the module.
+A module joins in either way:
+- it calls :func:`onnxopt.register_pass` itself (its passes then have its names), or
+- it defines ``onnx_ir.passes.PassBase`` subclasses at top level, which are registered
+  under their class name in kebab-case (``FoldMyOp`` -> ``fold-my-op``).
+Installed packages can also expose passes through the ``onnxopt.passes`` entry-point
+group (each entry point names a module or a pass class).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import re
+import sys
+
+import onnx_ir as ir
+
+from onnxopt.errors import OnnxoptError
+
+
+def _kebab(name: str) -> str:
+    name = re.sub(r"Pass$", "", name) or name
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", name).lower()
+
+
+def load_plugin(spec: str) -> list[str]:
+    """Import a plugin (module name or path to a .py file); return the pass names it added."""
+    from onnxopt.passes import registry
+
+    registry._ensure_loaded()
+    before = set(registry.PASSES)
+    try:
+        if spec.endswith(".py") or os.path.sep in spec:
+            if not os.path.isfile(spec):
+                raise OnnxoptError(f"plugin {spec!r}: no such file")
+            name = "onnxopt_plugin_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(spec))[0])
+            mod_spec = importlib.util.spec_from_file_location(name, spec)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())  # `--plugin my_module` finds ./my_module.py
+            module = importlib.import_module(spec)
+    except OnnxoptError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise OnnxoptError(f"plugin {spec!r} failed to import: {type(e).__name__}: {msg}") from None
+    added = [n for n in registry.PASSES if n not in before]
+    for _, obj in inspect.getmembers(module, inspect.isclass):
+        if (
+            issubclass(obj, ir.passes.PassBase)
+            and obj.__module__ == module.__name__
+            and not inspect.isabstract(obj)
+            and not any(p.factory is obj for p in registry.PASSES.values())
+        ):
+            name = _kebab(obj.__name__)
+            doc = (obj.__doc__ or "").strip().splitlines()
+            registry.register_pass(name, doc[0] if doc else f"plugin pass from {spec}", source=spec)(obj)
+            added.append(name)
+    if not added:
+        raise OnnxoptError(f"plugin {spec!r} defines no pass (no onnx_ir.passes.PassBase subclass, no register_pass call)")
+    return added
+
+
+def load_entry_point_plugins() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="onnxopt.passes"):
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken third-party package must not break onnxopt
+            import logging
+
+            logging.getLogger("onnxopt").warning("entry point %s failed to load: %s", ep.name, e)
+            continue
+        if isinstance(obj, type) and issubclass(obj, ir.passes.PassBase):
+            from onnxopt.passes.registry import PASSES, register_pass
+
+            if ep.name not in PASSES:
+                doc = (obj.__doc__ or "").strip().splitlines()
+                register_pass(ep.name, doc[0] if doc else "plugin pass", source=ep.value)(obj)

@@ -1,0 +1,199 @@
+"""The safety net: does a model load, pass the checker, and give the same answers?
+
+Every model onnxopt writes goes through :func:`check_model` and, where reference
+outputs exist, :func:`compare_outputs`. Sessions are built from an in-memory proto
+for ordinary models and from a temporary folder for models with external data, so
+the checks never depend on the model having been saved by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxopt.errors import VerificationError
+from onnxopt.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, tensor_bytes
+
+
+def session_options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # warnings about declared shapes are expected on real models
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
+
+
+class _Session:
+    """An ORT session that owns the temporary folder it may have needed."""
+
+    def __init__(self, model: ir.Model, so: ort.SessionOptions, providers: Sequence[str]):
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES or _has_external(model):
+            self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-verify-")
+            path = os.path.join(self._tmp.name, "model.onnx")
+            ir.save(model, path, external_data="model.onnx.data")
+            self.session = ort.InferenceSession(path, so, providers=list(providers))
+        else:
+            proto = ir.serde.serialize_model(model)
+            self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=list(providers))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, dict(feeds))))
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _has_external(model: ir.Model) -> bool:
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                return True
+    return False
+
+
+def make_session(
+    model: ir.Model, *, threads: int | None = None, optimize: bool = True, providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> _Session:
+    return _Session(model, session_options(threads, optimize=optimize), providers)
+
+
+def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray], *, threads: int | None = None) -> dict[str, np.ndarray]:
+    """Run a model once in ONNX Runtime (CPU) and return its outputs by name."""
+    sess = make_session(model, threads=threads)
+    try:
+        return sess.run(feeds)
+    finally:
+        sess.close()
+
+
+def check_model(model: ir.Model) -> None:
+    """The structural checks: the ONNX checker passes and ONNX Runtime can build a session."""
+    try:
+        if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES and not _has_external(model):
+            onnx.checker.check_model(ir.serde.serialize_model(model), full_check=False)
+    except Exception as e:  # the checker raises ValidationError and, on odd graphs, others
+        raise VerificationError(f"fails the ONNX checker: {_first_line(e)}") from None
+
+
+@dataclasses.dataclass
+class OutputDiff:
+    name: str
+    shape_ref: tuple[int, ...]
+    shape_new: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    cosine: float
+    within: bool
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def diff_arrays(name: str, ref: np.ndarray, new: np.ndarray, *, rtol: float, atol: float) -> OutputDiff:
+    ref = np.asarray(ref)
+    new = np.asarray(new)
+    if ref.shape != new.shape:
+        return OutputDiff(name, ref.shape, new.shape, float("inf"), float("inf"), float("nan"), False)
+    if ref.dtype.kind in "biu" or ref.dtype == np.bool_:
+        a = ref.astype(np.float64)
+        b = new.astype(np.float64)
+    else:
+        a = ref.astype(np.float64)
+        b = new.astype(np.float64)
+    if a.size == 0:
+        return OutputDiff(name, ref.shape, new.shape, 0.0, 0.0, 1.0, True)
+    both_nan = np.isnan(a) & np.isnan(b)
+    same_inf = np.isinf(a) & (a == b)
+    ok_special = both_nan | same_inf
+    diff = np.where(ok_special, 0.0, np.abs(a - b))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    denom = np.abs(a)
+    rel = np.where(ok_special, 0.0, diff / np.maximum(denom, 1e-12))
+    within = bool(np.all(diff <= atol + rtol * np.where(ok_special, 0.0, denom)))
+    fa = np.where(np.isfinite(a), a, 0.0).ravel()
+    fb = np.where(np.isfinite(b), b, 0.0).ravel()
+    na, nb = np.linalg.norm(fa), np.linalg.norm(fb)
+    cosine = float(fa @ fb / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+    return OutputDiff(name, ref.shape, new.shape, float(diff.max()), float(rel.max()), cosine, within)
+
+
+def compare_outputs(
+    ref: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray], *, rtol: float = 1e-4, atol: float = 1e-5
+) -> list[OutputDiff]:
+    """Element-wise comparison of two output sets (same names, in the reference's order)."""
+    diffs = []
+    for name, r in ref.items():
+        if name not in new:
+            diffs.append(OutputDiff(name, np.shape(r), (), float("inf"), float("inf"), float("nan"), False))
+            continue
+        diffs.append(diff_arrays(name, r, new[name], rtol=rtol, atol=atol))
+    return diffs
+
+
+@dataclasses.dataclass
+class Verifier:
+    """Holds the reference outputs of the original model and judges candidates against them."""
+
+    feeds: list[dict[str, np.ndarray]]
+    reference: list[dict[str, np.ndarray]]
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+    @classmethod
+    def from_model(
+        cls, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, rtol: float = 1e-4, atol: float = 1e-5
+    ) -> Verifier:
+        sess = make_session(model)
+        try:
+            reference = [sess.run(f) for f in feeds]
+        except Exception as e:
+            raise VerificationError(f"the original model does not run in ONNX Runtime: {_first_line(e)}") from None
+        finally:
+            sess.close()
+        return cls([dict(f) for f in feeds], reference, rtol, atol)
+
+    def verify(self, model: ir.Model) -> None:
+        """Raise VerificationError with a one-line reason if the model is not equivalent."""
+        check_model(model)
+        try:
+            sess = make_session(model)
+        except Exception as e:
+            raise VerificationError(f"ONNX Runtime cannot load it: {_first_line(e)}") from None
+        try:
+            for feeds, ref in zip(self.feeds, self.reference):
+                try:
+                    out = sess.run(feeds)
+                except Exception as e:
+                    raise VerificationError(f"ONNX Runtime fails to run it: {_first_line(e)}") from None
+                for d in compare_outputs(ref, out, rtol=self.rtol, atol=self.atol):
+                    if not d.within:
+                        if d.shape_ref != d.shape_new:
+                            raise VerificationError(
+                                f"output {d.name!r} changed shape from {d.shape_ref} to {d.shape_new}"
+                            )
+                        raise VerificationError(
+                            f"output {d.name!r} drifted: max abs error {d.max_abs:.3g}, max rel {d.max_rel:.3g} "
+                            f"(rtol {self.rtol:g}, atol {self.atol:g})"
+                        )
+        finally:
+            sess.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
