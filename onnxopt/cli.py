@@ -17,8 +17,10 @@ from rich.table import Table
 
 from onnxopt.errors import OnnxoptError
 
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+_WIDTH = None if sys.stdout.isatty() else 160
 console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = Console(highlight=False, width=_WIDTH)
 
 
 def shape_option(f):
@@ -61,7 +63,7 @@ def passes() -> None:
     from onnxopt.passes import all_passes, all_presets, preset_passes
 
     table = Table(title="Passes", show_lines=False)
-    table.add_column("pass")
+    table.add_column("pass", no_wrap=True)
     table.add_column("in default")
     table.add_column("source")
     table.add_column("what it does")
@@ -70,7 +72,7 @@ def passes() -> None:
         table.add_row(info.name, "yes" if info.name in default else "", info.source, info.description)
     out.print(table)
     presets = Table(title="Presets")
-    presets.add_column("preset")
+    presets.add_column("preset", no_wrap=True)
     presets.add_column("why / what")
     presets.add_column("passes")
     for p in all_presets():
@@ -80,7 +82,7 @@ def passes() -> None:
 
 def _stats_table(result, title: str) -> Table:
     table = Table(title=title)
-    table.add_column("pass")
+    table.add_column("pass", no_wrap=True)
     table.add_column("runs", justify="right")
     table.add_column("time (ms)", justify="right")
     table.add_column("nodes before", justify="right")

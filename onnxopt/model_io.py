@@ -122,12 +122,12 @@ def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         raise OnnxoptError(f"{p}: not a valid ONNX model (no graph)")
     if not proto.opset_import:
         raise OnnxoptError(f"{p}: model declares no opset import")
-    check_external_data(proto, p.parent)
+    external_files = check_external_data(proto, p.parent)
     if check:
         try:
-            # Full check on a copy that carries no external data (it is validated above);
-            # the checker reads external files itself only when given a path.
-            onnx.checker.check_model(proto, full_check=False)
+            # With external data the checker must resolve files next to the model, so it
+            # gets the path (it reads the graph, not the tensors; works past 2 GB).
+            onnx.checker.check_model(str(p) if external_files else proto, full_check=False)
         except onnx.checker.ValidationError as e:
             raise OnnxoptError(f"{p}: fails the ONNX checker: {_first_line(e)}") from None
         except Exception as e:

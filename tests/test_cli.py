@@ -1,0 +1,181 @@
+"""The CLI: every command's happy path and every bad input from the foundation issue.
+
+Bad input must give exactly one line on stderr, a non-zero exit, no traceback and no
+output file. The in-process runs call the same ``main`` the console script calls.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxopt.cli import main
+from tests.examples_path import EXAMPLE
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("onnxopt: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_optimize_writes_verified_model(capsys, tiny_model_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    code, stdout, err = run_cli(capsys, "optimize", tiny_model_path, "-o", out, "--json", tmp_path / "stats.json")
+    assert code == 0, err
+    assert out.is_file()
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["nodes_before"] == 5 and stats["nodes_after"] < 5
+    assert "identity-elimination" in stdout
+    code, stdout, err = run_cli(capsys, "compare", tiny_model_path, out, "--shape", "x:3x4")
+    assert code == 0, err
+    assert "yes" in stdout
+
+
+def test_plugin_pass_runs_from_cli_and_shows_in_statistics(capsys, tiny_model_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    code, stdout, err = run_cli(
+        capsys, "optimize", tiny_model_path, "-o", out, "--plugin", EXAMPLE, "--passes", "remove-double-neg,remove-unused", "--verify"
+    )
+    assert code == 0, err
+    assert "remove-double-neg" in stdout
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert "Neg" not in ops
+
+
+def test_passes_lists_registry_and_presets(capsys):
+    code, stdout, _ = run_cli(capsys, "passes")
+    assert code == 0
+    for name in ("identity-elimination", "cse", "remove-unused", "default", "cleanup"):
+        assert name in stdout
+
+
+def test_inspect_reports_signature_and_ops(capsys, tiny_model_path):
+    code, stdout, _ = run_cli(capsys, "inspect", tiny_model_path, "--json")
+    assert code == 0
+    info = json.loads(stdout)
+    assert info["inputs"] == [{"name": "x", "type": "float[batch,4]"}]
+    assert info["op_histogram"]["Neg"] == 2
+    assert info["parameters"] == 15
+
+
+def test_compare_exits_nonzero_past_tolerance(capsys, tiny_model_path, tmp_path):
+    model = onnx.load(tiny_model_path)
+    model.graph.initializer[1].float_data[:] = []
+    arr = np.frombuffer(model.graph.initializer[1].raw_data, np.float32) + 0.5
+    model.graph.initializer[1].raw_data = arr.tobytes()
+    other = tmp_path / "other.onnx"
+    onnx.save(model, other)
+    code, stdout, err = run_cli(capsys, "compare", tiny_model_path, other)
+    assert code == 1
+    assert "NO" in stdout
+
+
+def _bad(tmp_path, kind):
+    p = tmp_path / f"{kind}.onnx"
+    if kind == "not-onnx":
+        p.write_text("this is not a model\n" * 10)
+    elif kind == "random-bytes":
+        p.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "checker":
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["missing"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+        p.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return p
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing", "no such file"),
+        ("not-onnx", "not a valid ONNX model"),
+        ("random-bytes", "not a valid ONNX model"),
+        ("truncated", "not a valid ONNX model"),
+        ("checker", "fails the ONNX checker"),
+    ],
+)
+def test_bad_model_files(capsys, tmp_path, tiny_model_path, case, expect):
+    if case == "missing":
+        model = tmp_path / "nope.onnx"
+    elif case == "truncated":
+        model = tmp_path / "trunc.onnx"
+        data = tiny_model_path.read_bytes()
+        model.write_bytes(data[: len(data) // 2])
+    else:
+        model = _bad(tmp_path, case)
+    out = tmp_path / "out.onnx"
+    for args in (["optimize", model, "-o", out], ["inspect", model], ["compare", model, model]):
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, expect)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--passes", "no-such-pass"], "unknown pass 'no-such-pass'"),
+        (["--preset", "turbo"], "unknown preset 'turbo'"),
+        (["--shape", "y:1x4"], "no input 'y'"),
+        (["--shape", "x:1x5"], "fixed to 4"),
+        (["--plugin", "no_such_module_xyz"], "failed to import"),
+        (["--plugin", "json"], "defines no pass"),
+    ],
+)
+def test_bad_options(capsys, tiny_model_path, tmp_path, args, expect):
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(capsys, "optimize", tiny_model_path, "-o", out, *args)
+    assert_one_line_error(code, err, expect)
+    assert not out.exists()
+
+
+def test_bad_output_paths(capsys, tiny_model_path, tmp_path):
+    before = tiny_model_path.read_bytes()
+    code, _, err = run_cli(capsys, "optimize", tiny_model_path, "-o", tmp_path / "no" / "dir" / "out.onnx")
+    assert_one_line_error(code, err, "output folder does not exist")
+    code, _, err = run_cli(capsys, "optimize", tiny_model_path, "-o", tiny_model_path)
+    assert_one_line_error(code, err, "is the input model")
+    assert tiny_model_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+def test_usage_error_is_one_line(capsys, tiny_model_path):
+    code, _, err = run_cli(capsys, "optimize", tiny_model_path)
+    assert_one_line_error(code, err, "Missing option '-o'")
+
+
+def test_console_script_entry_point(tiny_model_path, tmp_path):
+    """The installed entry point behaves like main(): a real process, real exit code."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxopt.cli", "optimize", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
+
+
+def test_demo_runs(capsys, tmp_path):
+    code, stdout, err = run_cli(capsys, "demo", "-o", tmp_path / "demo")
+    assert code == 0, err
+    assert (tmp_path / "demo" / "demo_cnn.opt.onnx").is_file()
+    assert "outputs match the original" in stdout
