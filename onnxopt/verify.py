@@ -109,12 +109,14 @@ def diff_arrays(name: str, ref: np.ndarray, new: np.ndarray, *, rtol: float, ato
     new = np.asarray(new)
     if ref.shape != new.shape:
         return OutputDiff(name, ref.shape, new.shape, float("inf"), float("inf"), float("nan"), False)
-    if ref.dtype.kind in "biu" or ref.dtype == np.bool_:
-        a = ref.astype(np.float64)
-        b = new.astype(np.float64)
-    else:
-        a = ref.astype(np.float64)
-        b = new.astype(np.float64)
+    if ref.dtype.kind in "OSU" or new.dtype.kind in "OSU":
+        # String tensors (StringNormalizer, ...): equal or not, there is no tolerance.
+        same = ref.dtype.kind == new.dtype.kind or {ref.dtype.kind, new.dtype.kind} <= set("OSU")
+        equal = bool(same and np.array_equal(ref.astype(object), new.astype(object)))
+        return OutputDiff(name, ref.shape, new.shape, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"),
+                          1.0 if equal else 0.0, equal)
+    a = ref.astype(np.float64)
+    b = new.astype(np.float64)
     if a.size == 0:
         return OutputDiff(name, ref.shape, new.shape, 0.0, 0.0, 1.0, True)
     both_nan = np.isnan(a) & np.isnan(b)
