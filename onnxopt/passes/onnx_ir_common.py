@@ -10,12 +10,31 @@ import onnx_ir.passes.common as common
 
 from onnxopt.passes.registry import register_pass
 
+class _LiftConstants(common.LiftConstantsToInitializersPass):
+    """onnx-ir's pass, plus the IR < 4 rule: every initializer must also be a graph input.
+
+    Models of IR version 3 (opset <= 8 exports) fail the checker ("in initializer but
+    not in graph input") if a lifted constant is not listed as an input, so there the
+    new main-graph initializers are appended to the inputs (ORT then treats them as
+    overridable inputs with a default; the inputs a caller must feed do not change).
+    """
+
+    def call(self, model):
+        result = super().call(model)
+        if result.modified and model.ir_version is not None and model.ir_version < 4:
+            listed = {v.name for v in model.graph.inputs}
+            for name, value in model.graph.initializers.items():
+                if name not in listed:
+                    model.graph.inputs.append(value)
+        return result
+
+
 register_pass(
     "lift-constants",
     "Turn Constant nodes into initializers (onnx-ir LiftConstantsToInitializersPass)",
     preset_order=10,
     source="onnx-ir",
-    factory=lambda: common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+    factory=lambda: _LiftConstants(lift_all_constants=True, size_limit=0),
 )
 register_pass(
     "remove-initializers-from-inputs",
