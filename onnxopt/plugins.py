@@ -33,7 +33,7 @@ def load_plugin(spec: str) -> list[str]:
     from onnxopt.passes import registry
 
     registry._ensure_loaded()
-    before = set(registry.PASSES)
+    before = dict(registry.PASSES)
     try:
         if spec.endswith(".py") or os.path.sep in spec:
             if not os.path.isfile(spec):
@@ -52,7 +52,7 @@ def load_plugin(spec: str) -> list[str]:
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise OnnxoptError(f"plugin {spec!r} failed to import: {type(e).__name__}: {msg}") from None
-    added = [n for n in registry.PASSES if n not in before]
+    added = [n for n, info in registry.PASSES.items() if before.get(n) is not info]
     for _, obj in inspect.getmembers(module, inspect.isclass):
         if (
             issubclass(obj, ir.passes.PassBase)

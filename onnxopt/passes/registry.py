@@ -62,7 +62,11 @@ def register_pass(
     """Register a pass class (used as a decorator) or a factory under ``name``."""
 
     def wrap(cls):
-        if name in PASSES and PASSES[name].factory is not (factory or cls):
+        new = factory or cls
+        old = PASSES[name].factory if name in PASSES else None
+        # Re-importing the same plugin file (a new module object) re-registers the same
+        # class; a different class under a taken name is a conflict.
+        if old is not None and old is not new and getattr(old, "__qualname__", None) != getattr(new, "__qualname__", None):
             raise OnnxoptError(f"pass name {name!r} is registered twice")
         PASSES[name] = PassInfo(name, description, factory or cls, fixed_point, preset_order, source)
         return cls
