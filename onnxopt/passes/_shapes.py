@@ -1,0 +1,152 @@
+"""Shape facts for the cleanup passes: ONNX shape inference, run once per pass call.
+
+Passes that must *prove* something about shapes (a Shape node is constant, a Reshape
+changes nothing) read the shapes that :func:`infer_shapes` writes onto the IR values.
+The facts come from ``onnx.shape_inference`` with data propagation, run from the
+graph inputs' declared shapes only: the model's own ``value_info`` is dropped before
+inference, because exporters sometimes declare intermediate or output shapes that are
+wrong (a traced size baked in where the dimension is really dynamic), and a wrong
+static dimension would let a pass fold across a dynamic one.
+
+Where inference learns nothing about a value, its declared shape is kept (it is the
+only information there is, e.g. after a custom-domain op). Declared *graph output*
+shapes are never changed (they are the model's signature); their inferred shapes are
+returned in the result mapping instead.
+
+Large initializers are detached while the proto is built (as onnx-ir's own shape
+inference pass does), so inference costs milliseconds even on big models.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_ir as ir
+
+logger = logging.getLogger("onnxopt")
+
+_BIG_TENSOR_BYTES = 1024
+
+
+def static_dim(dim) -> int | None:
+    """The dimension as a non-negative int, or None when it is not statically known."""
+    if isinstance(dim, int) and dim >= 0:
+        return dim
+    return None
+
+
+def static_shape(shape: ir.Shape | None) -> tuple[int, ...] | None:
+    """The shape as a tuple of ints when every dimension is static, else None."""
+    if shape is None:
+        return None
+    dims = tuple(static_dim(d) for d in shape)
+    if any(d is None for d in dims):
+        return None
+    return dims  # type: ignore[return-value]
+
+
+def _serialize_without_big_tensors(model: ir.Model) -> onnx.ModelProto:
+    graph = model.graph
+    detached: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    original_inputs = list(graph.inputs)
+    try:
+        for value in list(graph.initializers.values()):
+            tensor = value.const_value
+            if tensor is not None:
+                if value.shape is None:
+                    value.shape = ir.Shape(tensor.shape)
+                if value.dtype is None:
+                    value.dtype = tensor.dtype
+            if tensor is None or tensor.nbytes > _BIG_TENSOR_BYTES:
+                if value not in original_inputs:
+                    graph.inputs.append(value)
+                graph.initializers.pop(value.name)
+                if tensor is not None:
+                    detached.append((value, tensor))
+                    value.const_value = None
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in detached:
+            value.const_value = tensor
+            graph.register_initializer(value)
+        graph.inputs.clear()
+        graph.inputs.extend(original_inputs)
+    return proto
+
+
+def _strip_value_info(graph: onnx.GraphProto) -> None:
+    del graph.value_info[:]
+    for out in graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _strip_value_info(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _strip_value_info(g)
+
+
+def _collect_types(graph: onnx.GraphProto, into: dict[str, onnx.TypeProto]) -> None:
+    for vi in (*graph.value_info, *graph.output):
+        if vi.type.HasField("tensor_type"):
+            into[vi.name] = vi.type
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _collect_types(attr.g, into)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _collect_types(g, into)
+
+
+def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
+    """Run shape inference and write the results onto the model's values (in place).
+
+    Returns the inferred shape of every value inference knew something about,
+    graph outputs included (whose declared shapes are left as they are).
+    Functions are not inferred (their values keep what they had).
+    """
+    try:
+        proto = _serialize_without_big_tensors(model)
+        _strip_value_info(proto.graph)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as e:  # inference is an optimisation aid; without it passes just do less
+        logger.debug("shape inference failed: %s", e)
+        return {}
+    types: dict[str, onnx.TypeProto] = {}
+    _collect_types(inferred.graph, types)
+    result: dict[ir.Value, ir.Shape] = {}
+    graphs = [model.graph, *model.graph.subgraphs()]
+    for graph in graphs:
+        outputs = set(graph.outputs)
+        for node in graph:
+            for value in node.outputs:
+                type_proto = types.get(value.name) if value.name else None
+                if type_proto is None:
+                    continue
+                tensor_type = type_proto.tensor_type
+                if value.dtype is None and tensor_type.elem_type:
+                    value.dtype = ir.DataType(tensor_type.elem_type)
+                if not tensor_type.HasField("shape"):
+                    continue
+                shape = ir.serde.deserialize_type_proto_for_shape(type_proto)
+                if shape is None:
+                    continue
+                result[value] = shape
+                if value not in outputs:
+                    value.shape = shape
+    return result
+
+
+def shape_of(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape] | None = None) -> ir.Shape | None:
+    """Best known shape: a constant's own, the inferred one, else the declared one."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return ir.Shape(value.const_value.shape)
+    if inferred is not None and value in inferred:
+        return inferred[value]
+    return value.shape
