@@ -142,6 +142,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
+        # onnx-ir wraps the real reason ("77 is not a valid DataType") in a SerdeError.
+        while e.__cause__ is not None or e.__context__ is not None:
+            e = e.__cause__ or e.__context__
         raise OnnxoptError(f"{p}: cannot be read as an ONNX graph: {_first_line(e) or type(e).__name__}") from None
     ir.external_data.set_base_dir(model.graph, str(p.parent))
     # Remember where the model came from, so saving refuses to overwrite it.

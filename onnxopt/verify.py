@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 
@@ -160,7 +161,13 @@ class Verifier:
     def from_model(
         cls, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, rtol: float = 1e-4, atol: float = 1e-5
     ) -> Verifier:
-        sess = make_session(model)
+        try:
+            sess = make_session(model)
+        except Exception as e:  # custom ops, future opsets, ...: nothing to compare against
+            raise VerificationError(
+                f"the original model does not load in ONNX Runtime, so results cannot be verified "
+                f"(--no-verify skips the check): {_first_line(e)}"
+            ) from None
         try:
             reference = [sess.run(f) for f in feeds]
         except Exception as e:
@@ -196,6 +203,10 @@ class Verifier:
             sess.close()
 
 
+# ORT prefixes messages with the C++ source location and signature; users need the rest.
+_ORT_SOURCE_LOCATION = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[^()]*\((?:[^()]|\([^()]*\))*\) )?")
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    text = _ORT_SOURCE_LOCATION.sub("", str(e)).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
