@@ -67,6 +67,8 @@ def optimize(
     "each" (check after every pass), or "off".
     Returns a :class:`PipelineResult` with ``.model`` and per-pass ``.stats``.
     """
+    if not (rtol >= 0 and atol >= 0):  # also rejects NaN
+        raise OnnxoptError(f"tolerances must be >= 0 (got rtol {rtol}, atol {atol})")
     for plugin in plugins:
         load_plugin(plugin)
     ir_model = _as_model(model)

@@ -242,6 +242,10 @@ class PassManager:
     def _bisect(self, pristine: ir.Model, excluded: dict[str, str]) -> tuple[str, str] | None:
         """Smallest pipeline prefix whose result fails verification; its last pass is the culprit."""
         candidates = [i for i in range(len(self.infos)) if self.infos[i].name not in excluded]
+        if not candidates:
+            # Nothing left to blame: the unmodified model itself fails the check
+            # (a nondeterministic op such as RandomNormal, or a tolerance of 0 or less).
+            return None
         lo, hi = 0, len(candidates)  # invariant: prefix of lo candidates passes, of hi fails
         reason = ""
         # The full pipeline just failed; re-check it so a flaky failure does not blame a pass.
