@@ -125,6 +125,10 @@ def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, i
     from onnxopt.optimize import optimize_file
     from onnxopt.plugins import load_plugin
 
+    if json_path:  # a bad --json path must fail before the model is written, not after
+        from onnxopt.model_io import check_output_path
+
+        check_output_path(json_path, model, output)
     for plugin in plugins:
         load_plugin(plugin)
     passes_ = [p.strip() for p in pass_list.split(",") if p.strip()] if pass_list else None
