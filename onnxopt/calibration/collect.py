@@ -1,0 +1,388 @@
+"""Run calibration data through a model and observe the ranges of chosen tensors.
+
+How it works (and why):
+
+1. The requested tensors are sorted by their position in the graph and packed into groups
+   whose extra outputs for one batch fit ``max_group_bytes`` (default 512 MB). Sizes come
+   from shape inference on a clone with the first feed's concrete input shapes, so a
+   detector at 640x640 with dynamic H/W is sized correctly; a tensor whose shape cannot be
+   inferred is assumed as large as the largest known one.
+2. Per group, a clone of the model gets the group's tensors as extra graph outputs (the
+   caller's model is never modified) and one ONNX Runtime session (2 intra-op threads by
+   default, built by :func:`onnxopt.verify.make_session`, which goes through a temporary
+   folder with external data for models over 2 GB). The data is streamed once per group;
+   each batch's outputs update the observers and are dropped. Memory is one batch of one
+   group's outputs plus the observers' fixed-size state: it does not grow with the number
+   of samples.
+3. Graph inputs are observed from the feeds, initializers from their values (once), so
+   neither costs a model output.
+
+Per-channel extras for the quantizer's accuracy techniques: ``channel_absmax_for`` keeps
+max |x| per index of the LAST axis (SmoothQuant's activation scales for MatMul inputs);
+``mean_for`` keeps the mean per index of axis 1 over all other axes (bias correction of
+NCHW Conv outputs). Both ignore NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from collections.abc import Collection, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.calibration.data import CalibrationData
+from onnxopt.calibration.observers import DEFAULT_OUTLIER_ABS, Observer, canonical_method, make_observer
+from onnxopt.errors import OnnxoptError
+
+DEFAULT_GROUP_BYTES = 512 * 1024 * 1024
+DEFAULT_THREADS = 2
+_UNKNOWN_TENSOR_BYTES = 16 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class TensorStats:
+    """What calibration learned about one tensor.
+
+    ``min`` / ``max``: the range chosen by the method (min-max, percentile clip, entropy
+    threshold or MSE-optimal clip); always finite and within the finite core values.
+    ``observed_min`` / ``observed_max``: the raw extremes (NaN ignored; may be +-inf or a
+    -3.4e38 mask value). ``finite``: no NaN/Inf was seen. ``saturated``: values with
+    ``|x| > outlier_abs`` (1e6 by default: additive masks) were seen and kept out of the
+    range; a quantizer should keep tensors with ``not finite`` or ``saturated`` in float.
+    ``count``: elements seen (all, including non-finite). ``channel_absmax``: max |x| per
+    index of the last axis; ``mean_per_channel``: mean over all axes but axis 1.
+    """
+
+    name: str
+    min: float
+    max: float
+    observed_min: float
+    observed_max: float
+    finite: bool
+    count: int
+    channel_absmax: np.ndarray | None = None
+    mean_per_channel: np.ndarray | None = None
+    saturated: bool = False
+    nonfinite_count: int = 0
+    outlier_count: int = 0
+    method: str = "minmax"
+    observer: Observer | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+class _ChannelAbsMax:
+    def __init__(self) -> None:
+        self.value: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        if x.ndim == 0 or x.size == 0:
+            return
+        x2 = x.reshape(-1, x.shape[-1])
+        # fmax/fmin skip NaN; max(|x|) = max(max(x), -min(x)) without an |x| copy.
+        hi = np.fmax.reduce(x2, axis=0)
+        lo = np.fmin.reduce(x2, axis=0)
+        cur = np.fmax(hi.astype(np.float64), -lo.astype(np.float64))
+        if self.value is None:
+            self.value = cur
+        elif self.value.shape != cur.shape:
+            raise OnnxoptError(f"last axis changed size between batches ({self.value.shape[0]} -> {cur.shape[0]})")
+        else:
+            self.value = np.fmax(self.value, cur)
+
+
+class _ChannelMean:
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.n = 0
+
+    def update(self, x: np.ndarray) -> None:
+        if x.ndim < 2 or x.size == 0:
+            return
+        axes = tuple(i for i in range(x.ndim) if i != 1)
+        s = np.nansum(x, axis=axes, dtype=np.float64) if x.dtype.kind == "f" else x.sum(axis=axes, dtype=np.float64)
+        if self.sum is None:
+            self.sum = s
+        elif self.sum.shape != s.shape:
+            raise OnnxoptError(f"axis 1 changed size between batches ({self.sum.shape[0]} -> {s.shape[0]})")
+        else:
+            self.sum += s
+        self.n += x.size // x.shape[1]
+
+    @property
+    def value(self) -> np.ndarray | None:
+        return None if self.sum is None or self.n == 0 else self.sum / self.n
+
+
+@dataclasses.dataclass
+class _Tracked:
+    name: str
+    kind: str  # "input" | "initializer" | "output"
+    position: int
+    observer: Observer
+    absmax: _ChannelAbsMax | None = None
+    mean: _ChannelMean | None = None
+    est_bytes: int = 0
+
+    def update(self, x: np.ndarray) -> None:
+        self.observer.update(x)
+        if self.absmax is not None:
+            self.absmax.update(x)
+        if self.mean is not None:
+            self.mean.update(x)
+
+
+def collect_stats(
+    model: ir.Model,
+    data: CalibrationData,
+    tensors: Sequence[str],
+    *,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    num_bins: int = 2048,
+    channel_absmax_for: Collection[str] = (),
+    mean_for: Collection[str] = (),
+    max_group_bytes: int | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+    symmetric: bool = False,
+    outlier_abs: float = DEFAULT_OUTLIER_ABS,
+) -> dict[str, TensorStats]:
+    """Observe ``tensors`` (names in the main graph) over all of ``data``.
+
+    Returns ``{name: TensorStats}`` in the order of ``tensors``. ``method``: minmax,
+    percentile, entropy (kl) or mse; ``symmetric=True`` asks the histogram methods for
+    ``(-T, T)`` ranges (int8 symmetric), default ranges suit uint8 asymmetric.
+    ``channel_absmax_for`` / ``mean_for`` may name tensors outside ``tensors`` (they are
+    then observed too). ``threads``: ONNX Runtime intra-op threads (default 2).
+    """
+    method = canonical_method(method)
+    budget = DEFAULT_GROUP_BYTES if max_group_bytes is None else int(max_group_bytes)
+    if budget <= 0:
+        raise OnnxoptError(f"max_group_bytes must be positive, got {max_group_bytes}")
+    names = list(dict.fromkeys([*tensors, *channel_absmax_for, *mean_for]))
+    if not names:
+        return {}
+    absmax_set, mean_set = set(channel_absmax_for), set(mean_for)
+    tracked = _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs, absmax_set, mean_set)
+
+    for t in tracked.values():
+        if t.kind == "initializer":
+            value = _find_value(model, t.name)
+            t.update(value.const_value.numpy())  # type: ignore[union-attr]
+
+    inputs = [t for t in tracked.values() if t.kind == "input"]
+    outputs = sorted((t for t in tracked.values() if t.kind == "output"), key=lambda t: t.position)
+    n_samples = data.length_hint()
+    if outputs:
+        _estimate_bytes(model, data.first(), outputs)
+    groups = _pack(outputs, budget)
+    if not groups and inputs:
+        groups = [[]]
+
+    with _progress(progress, data, len(groups), n_samples) as advance:
+        for gi, group in enumerate(groups):
+            _run_group(model, data, group, inputs if gi == 0 else [], threads, advance, gi, len(groups))
+
+    stats = {}
+    for name in names:
+        t = tracked[name]
+        obs = t.observer
+        lo, hi = obs.range()
+        stats[name] = TensorStats(
+            name=name,
+            min=float(lo),
+            max=float(hi),
+            observed_min=float(obs.observed_min) if obs.count else 0.0,
+            observed_max=float(obs.observed_max) if obs.count else 0.0,
+            finite=obs.finite,
+            count=int(obs.count),
+            channel_absmax=t.absmax.value if t.absmax is not None else None,
+            mean_per_channel=t.mean.value if t.mean is not None else None,
+            saturated=obs.saturated,
+            nonfinite_count=int(obs.nonfinite_count),
+            outlier_count=int(obs.outlier_count),
+            method=method,
+            observer=obs,
+        )
+    return stats
+
+
+def _find_value(model: ir.Model, name: str) -> ir.Value | None:
+    graph = model.graph
+    if name in graph.initializers:
+        return graph.initializers[name]
+    for v in graph.inputs:
+        if v.name == name:
+            return v
+    for node in graph:
+        for v in node.outputs:
+            if v.name == name:
+                return v
+    return None
+
+
+def _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs, absmax_set, mean_set):
+    graph = model.graph
+    position: dict[str, tuple[str, int]] = {}
+    for v in graph.inputs:
+        if v.name and not v.is_initializer():
+            position[v.name] = ("input", -1)
+    for name in graph.initializers:
+        position.setdefault(name, ("initializer", -1))
+    for i, node in enumerate(graph):
+        for v in node.outputs:
+            if v.name:
+                position[v.name] = ("output", i)
+    tracked: dict[str, _Tracked] = {}
+    for name in names:
+        if name not in position:
+            sub = _in_subgraph(model, name)
+            where = " (it is inside a subgraph; only main-graph tensors can be calibrated)" if sub else ""
+            raise OnnxoptError(f"calibration: the model has no tensor named {name!r}{where}")
+        kind, pos = position[name]
+        obs = make_observer(method, percentile=percentile, num_bins=num_bins, symmetric=symmetric, outlier_abs=outlier_abs)
+        tracked[name] = _Tracked(
+            name,
+            kind,
+            pos,
+            obs,
+            _ChannelAbsMax() if name in absmax_set else None,
+            _ChannelMean() if name in mean_set else None,
+        )
+    return tracked
+
+
+def _in_subgraph(model: ir.Model, name: str) -> bool:
+    for sub in model.graph.subgraphs():
+        for node in sub:
+            if any(v.name == name for v in node.outputs):
+                return True
+    return False
+
+
+def _estimate_bytes(model: ir.Model, feed: Mapping[str, np.ndarray], outputs: list[_Tracked]) -> None:
+    """Bytes per batch of each output, from shape inference at the first feed's shapes."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    clone = model.clone()
+    for v in clone.graph.inputs:
+        if v.name in feed:
+            v.shape = ir.Shape(list(feed[v.name].shape))
+    try:
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
+    except Exception:  # noqa: BLE001 - estimates only; fall back to declared shapes
+        pass
+    values = {}
+    for node in clone.graph:
+        for v in node.outputs:
+            values[v.name] = v
+    known = []
+    for t in outputs:
+        v = values.get(t.name)
+        size = None
+        if v is not None and v.shape is not None and v.dtype is not None:
+            dims = list(v.shape)
+            if all(isinstance(d, int) and d >= 0 for d in dims):
+                try:
+                    itemsize = v.dtype.itemsize
+                except Exception:  # noqa: BLE001 - sub-byte / odd types
+                    itemsize = 4
+                size = int(math.prod(dims)) * max(int(itemsize), 1)
+        t.est_bytes = -1 if size is None else size
+        if size is not None:
+            known.append(size)
+    fallback = max(known) if known else _UNKNOWN_TENSOR_BYTES
+    for t in outputs:
+        if t.est_bytes < 0:
+            t.est_bytes = fallback
+
+
+def _pack(outputs: list[_Tracked], budget: int) -> list[list[_Tracked]]:
+    """Greedy packing in graph order: consecutive tensors share a session run."""
+    groups: list[list[_Tracked]] = []
+    cur: list[_Tracked] = []
+    used = 0
+    for t in outputs:
+        if cur and used + t.est_bytes > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(t)
+        used += t.est_bytes
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _augmented(model: ir.Model, names: list[str]) -> ir.Model:
+    clone = model.clone()
+    existing = {v.name for v in clone.graph.outputs}
+    wanted = set(names) - existing
+    for node in clone.graph:
+        for v in node.outputs:
+            if v.name in wanted:
+                clone.graph.outputs.append(v)
+                wanted.discard(v.name)
+    assert not wanted, wanted
+    return clone
+
+
+def _run_group(model, data, group, inputs, threads, advance, gi, ngroups) -> None:
+    from onnxopt.verify import make_session
+
+    sess = None
+    names = [t.name for t in group]
+    if group:
+        try:
+            sess = make_session(_augmented(model, names), threads=threads or DEFAULT_THREADS)
+        except Exception as e:  # noqa: BLE001 - ORT's errors are one of several types
+            raise OnnxoptError(f"calibration: ONNX Runtime cannot load the model: {_first_line(e)}") from None
+    try:
+        for i, feed in enumerate(data):
+            for t in inputs:
+                t.update(feed[t.name])
+            if sess is not None:
+                try:
+                    results = sess.session.run(names, feed)
+                except Exception as e:  # noqa: BLE001
+                    raise OnnxoptError(f"calibration: ONNX Runtime fails on feed {i}: {_first_line(e)}") from None
+                for t, arr in zip(group, results):
+                    t.update(arr)
+                del results  # drop the batch before the next one is computed
+            advance(gi, ngroups)
+    finally:
+        if sess is not None:
+            sess.close()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, data: CalibrationData, ngroups: int, n_samples: int | None) -> Iterator:
+    if not enabled:
+        yield lambda gi, ng: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = n_samples * ngroups if n_samples is not None else None
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("calibrating [progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=not sys.stderr.isatty(),
+    ) as prog:
+        task = prog.add_task(f"group 1/{ngroups}", total=total)
+
+        def advance(gi: int, ng: int) -> None:
+            prog.update(task, advance=1, description=f"group {gi + 1}/{ng} ({data.description})")
+
+        yield advance
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
