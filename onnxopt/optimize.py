@@ -59,10 +59,13 @@ def optimize(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     progress: Callable[[str], None] | None = None,
+    target_opset: int | None = None,
 ) -> PipelineResult:
     """Optimize a model (path or ``onnx_ir.Model``); the input is never modified.
 
     ``passes`` (names, pass instances or classes) replaces the preset when given.
+    ``target_opset``: first convert the default-domain opset up to this version (the
+    ``upgrade-opset`` pass), so fusions into newer ops (LayerNormalization, Gelu) can apply.
     ``verify``: "final" (check the result, bisect and roll back a breaking pass),
     "each" (check after every pass), or "off".
     Returns a :class:`PipelineResult` with ``.model`` and per-pass ``.stats``.
@@ -75,6 +78,11 @@ def optimize(
     specs = list(passes) if passes is not None else preset_passes(preset)
     if not specs:
         raise OnnxoptError("no passes to run")
+    if target_opset is not None:
+        from onnxopt.passes.upgrade_opset import check_target_opset, upgrade_pass_info
+
+        check_target_opset(ir_model, target_opset)
+        specs = [upgrade_pass_info(target_opset), *specs]
     verifier = None
     if verify != "off":
         feeds = sample_feeds(ir_model, shapes=shapes, inputs=inputs)
