@@ -113,7 +113,14 @@ def _stats_table(result, title: str) -> Table:
 @click.option("--rtol", default=1e-4, show_default=True, help="Relative tolerance of the safety net.")
 @click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance of the safety net.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the statistics as JSON.")
-def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, inputs, plugins, rtol, atol, json_path) -> None:
+@click.option(
+    "--target-opset",
+    type=int,
+    metavar="N",
+    help="First convert the model up to default-domain opset N (upgrade-opset), so fusions into newer ops apply "
+    "(LayerNormalization >= 17, Gelu >= 20). Opt-in: runtimes older than N cannot load the result.",
+)
+def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, inputs, plugins, rtol, atol, json_path, target_opset) -> None:
     """Rewrite MODEL into a smaller, faster equivalent and write it to OUTPUT.
 
     The result is checked (ONNX checker, ONNX Runtime loads it) and compared with the
@@ -154,6 +161,7 @@ def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, i
             rtol=rtol,
             atol=atol,
             progress=lambda name: status.update(f"optimizing: {name}"),
+            target_opset=target_opset,
         )
     out.print(_stats_table(result, f"onnxopt optimize {os.path.basename(model)}"))
     for name, reason in result.rolled_back.items():
