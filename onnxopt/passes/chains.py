@@ -99,7 +99,7 @@ def _axes(node: ir.Node, opset: int) -> list[int] | None:
 @register_pass(
     "fuse-chains",
     "Collapse Transpose/Reshape/Flatten/Squeeze/Unsqueeze/lossless-Cast chains into one op or none",
-    preset_order=350,
+    preset_order=360,
 )
 class FuseChainsPass(NodeRewritePass):
     __doc__ = __doc__

@@ -184,7 +184,7 @@ def _fold_into_gemm(names, op: ir.Node, f: np.ndarray | None, shift: np.ndarray 
 @register_pass(
     "fuse-batchnorm",
     "Fold inference BatchNormalization into the preceding Conv/ConvTranspose/Gemm (or 2-D MatMul -> Gemm)",
-    preset_order=310,
+    preset_order=320,
 )
 class FuseBatchNormPass(NodeRewritePass):
     __doc__ = __doc__

@@ -104,7 +104,7 @@ def per_channel(const: np.ndarray, op: ir.Node) -> np.ndarray | None:
 @register_pass(
     "fuse-conv-bias",
     "Fold a per-channel constant Add/Sub after Conv/ConvTranspose/Gemm (or before an unpadded Conv) into the bias",
-    preset_order=300,
+    preset_order=310,
 )
 class FuseConvBiasPass(NodeRewritePass):
     __doc__ = __doc__
@@ -169,7 +169,7 @@ class FuseConvBiasPass(NodeRewritePass):
 @register_pass(
     "fuse-matmul-add",
     "MatMul + constant Add -> Gemm when both MatMul operands are 2-D (N-D MatMul is left alone)",
-    preset_order=330,
+    preset_order=340,
 )
 class FuseMatMulAddPass(NodeRewritePass):
     __doc__ = __doc__

@@ -68,7 +68,7 @@ def pad_amounts(pad: ir.Node, opset: int, rank: int | None) -> np.ndarray | None
 @register_pass(
     "fuse-pad",
     "Fold a zero constant Pad over spatial axes into the next Conv's or AveragePool's (count_include_pad=1) pads",
-    preset_order=340,
+    preset_order=350,
 )
 class FusePadPass(NodeRewritePass):
     __doc__ = __doc__

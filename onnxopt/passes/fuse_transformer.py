@@ -105,7 +105,7 @@ class _Fusion(NodeRewritePass):
 @register_pass(
     "fuse-layernorm",
     "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div(/Mul/Add) over the last axis -> LayerNormalization (opset >= 17)",
-    preset_order=400,
+    preset_order=302,
 )
 class FuseLayerNormPass(_Fusion):
     __doc__ = __doc__
@@ -270,7 +270,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 @register_pass(
     "fuse-gelu",
     "Erf and tanh forms of GELU -> Gelu (opset >= 20)",
-    preset_order=410,
+    preset_order=304,
 )
 class FuseGeluPass(_Fusion):
     __doc__ = __doc__
