@@ -26,7 +26,9 @@ from onnxopt.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, tensor_bytes
 
 def session_options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.log_severity_level = 3  # warnings about declared shapes are expected on real models
+    # Fatal only: warnings about declared shapes are expected on real models, and ORT's
+    # errors reach the user through the exception we turn into one line, not its logger.
+    so.log_severity_level = 4
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
