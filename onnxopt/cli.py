@@ -257,6 +257,68 @@ def demo(output_dir) -> None:
     )
 
 
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--ep", "eps", multiple=True, default=("cpu",), show_default=True, metavar="EP",
+              help="Execution provider: cpu, cuda, tensorrt, openvino, dml, rocm, ... (repeatable or comma-separated).")
+@click.option("--threads", type=int, help="Intra-op threads (default: the physical cores); inter-op is 1, execution sequential.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model after the first run.")
+@click.option("--runs", type=int, help="Timed runs per model (default 100).")
+@click.option("--duration", type=float, metavar="SECONDS", help="Time each model for about this long instead of --runs.")
+@shape_option
+@inputs_option
+@click.option("--batch-sizes", metavar="1,8,32", help="Set the dynamic batch dimension to each of these sizes in turn.")
+@click.option("--io-binding/--no-io-binding", default=None, help="Bind inputs/outputs on the device (default: on for GPU providers).")
+@click.option("--include-copies", is_flag=True, help="With IO binding: keep inputs/outputs in host memory, so copies are timed.")
+@click.option("--check-outputs", is_flag=True, help="Compare every model's outputs with the first model's on the same inputs.")
+@click.option("--rtol", default=1e-4, show_default=True, help="Relative tolerance for --check-outputs.")
+@click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance for --check-outputs.")
+@click.option("--trt-fp16", is_flag=True, help="TensorRT: allow fp16 kernels.")
+@click.option("--trt-int8", is_flag=True, help="TensorRT: int8 (for QDQ models; their scales are used).")
+@click.option("--trt-engine-cache", type=click.Path(), metavar="DIR", help="TensorRT: cache built engines in DIR.")
+@click.option("--ep-option", "ep_option", multiple=True, metavar="KEY=VALUE", help="Extra provider option (repeatable), e.g. device_id=1.")
+@click.option("--seed", default=0, show_default=True, help="Seed of generated inputs and of the bootstrap.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON (schema: docs/bench.md).")
+@click.option("--csv", "csv_path", type=click.Path(), help="Write one CSV row per model and setting.")
+@click.option("--plot", "plot_path", type=click.Path(), metavar="PNG", help="Draw the latency distributions (needs matplotlib).")
+def bench(models, eps, threads, warmup, runs, duration, shapes, inputs, batch_sizes, io_binding, include_copies, check_outputs,
+          rtol, atol, trt_fp16, trt_int8, trt_engine_cache, ep_option, seed, json_path, csv_path, plot_path) -> None:
+    """Time MODELS on an execution provider: warm-up, percentiles, throughput, speedups.
+
+    Several models are timed in interleaved rounds on the same inputs and each is
+    reported against the first as a speedup (median of paired ratios, bootstrap 95%
+    interval). Session creation and the first run are reported apart.
+    """
+    from onnxopt.bench import benchmark, parse_batch_sizes
+    from onnxopt.bench.plot import require_matplotlib
+    from onnxopt.bench.progress import rich_progress
+    from onnxopt.bench.providers import parse_ep_options
+    from onnxopt.bench.report import check_report_path
+    from onnxopt.inputs import parse_shape_specs
+
+    for option, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)):
+        if path:
+            check_report_path(path, option)
+    if plot_path:
+        require_matplotlib()
+    kwargs = dict(
+        ep=[e.strip() for spec in eps for e in spec.split(",") if e.strip()], threads=threads, warmup=warmup, runs=runs,
+        duration=duration, shapes=parse_shape_specs(shapes), inputs=inputs, batch_sizes=parse_batch_sizes(batch_sizes),
+        io_binding=io_binding, include_copies=include_copies, check_outputs=check_outputs, rtol=rtol, atol=atol,
+        trt_fp16=trt_fp16, trt_int8=trt_int8, trt_engine_cache=trt_engine_cache, ep_options=parse_ep_options(ep_option), seed=seed,
+    )
+    with rich_progress(console) as progress:
+        report = benchmark(list(models), progress=progress, **kwargs)
+    for table in report.tables():
+        out.print(table)
+    if json_path:
+        report.write_json(json_path)
+    if csv_path:
+        report.write_csv(csv_path)
+    if plot_path:
+        report.plot(plot_path)
+
+
 def _write_json(path: str, data) -> None:
     from onnxopt.atomic import write_text_atomic
 

@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from onnxopt.atomic import write_text_atomic
+from onnxopt.errors import OnnxoptError
 
 SCHEMA_VERSION = "onnxopt.bench/1"
 
@@ -33,6 +34,18 @@ def _clean(obj):
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     return obj
+
+
+def check_report_path(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output path that cannot be written, before minutes of benchmarking."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        raise OnnxoptError(f"{option} {p}: is a folder; give a file name")
+    parent = os.path.dirname(os.path.abspath(p))
+    if not os.path.isdir(parent):
+        raise OnnxoptError(f"{option} {p}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OnnxoptError(f"{option} {p}: folder {parent} is not writable")
 
 
 @dataclasses.dataclass
@@ -83,8 +96,8 @@ class BenchReport:
             c = self.comparison_for(r)
             w.writerow([
                 r["model"], r["ep"], r["batch"], r["runs"],
-                *(f"{lat[k]:.4f}" for k in ("mean", "std", "min", "max", "p50", "p90", "p95", "p99")),
-                f"{r['throughput_per_s']:.3f}", f"{r['first_run_ms']:.3f}", f"{r['session_init_ms']:.3f}",
+                *(f"{lat[k]:.6f}" for k in ("mean", "std", "min", "max", "p50", "p90", "p95", "p99")),
+                f"{r['throughput_per_s']:.3f}", f"{r['first_run_ms']:.6f}", f"{r['session_init_ms']:.6f}",
                 "" if r["peak_memory_mb"] is None else r["peak_memory_mb"], r["threads"]["intra_op"], r["io_binding"],
                 *( [f"{c['speedup']:.4f}", f"{c['speedup_interval'][0]:.4f}", f"{c['speedup_interval'][1]:.4f}"] if c else ["", "", ""]),
             ])
@@ -98,27 +111,26 @@ class BenchReport:
         from rich.table import Table
 
         t = Table(title="onnxopt bench: latency (ms) per inference call")
-        for col, just in (
-            ("model", "left"), ("ep", "left"), ("batch", "right"), ("runs", "right"), ("p50", "right"), ("p90", "right"),
-            ("p99", "right"), ("mean ± std", "right"), ("min", "right"), ("samples/s", "right"), ("first run", "right"),
-            ("session init", "right"), ("peak MB", "right"), ("speedup vs first [95% CI]", "right"),
-        ):
-            t.add_column(col, justify=just)
+        t.add_column("model", overflow="fold")
+        for col in ("ep", "batch", "runs", "p50", "p90", "p99", "mean ± std", "min", "samples/s", "first run", "session init", "peak MB"):
+            t.add_column(col, justify="left" if col == "ep" else "right")
+        if self.comparisons:
+            t.add_column("speedup vs first [95% CI]", justify="right")
         for r in self.results:
             lat = r["latency_ms"]
             c = self.comparison_for(r)
-            speed = f"{c['speedup']:.3f}x [{c['speedup_interval'][0]:.3f}, {c['speedup_interval'][1]:.3f}]" if c else "baseline" if self.comparisons else ""
+            speed = [f"{c['speedup']:.3f}x [{c['speedup_interval'][0]:.3f}, {c['speedup_interval'][1]:.3f}]" if c else "baseline"]
             t.add_row(
                 r["model"], r["ep"], str(r["batch"]), str(r["runs"]), f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
                 f"{lat['mean']:.3f} ± {lat['std']:.3f}", f"{lat['min']:.3f}", f"{r['throughput_per_s']:.1f}",
                 f"{r['first_run_ms']:.1f}", f"{r['session_init_ms']:.1f}",
-                "?" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.1f}", speed,
+                "?" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.1f}", *(speed if self.comparisons else []),
             )
         th = self.settings["threads"]
         t.caption = (
             f"threads: intra-op {th['intra_op']} ({th['source']}), inter-op {th['inter_op']}, {th['execution_mode']}; "
-            f"warm-up {self.settings['warmup']}; "
-            + ("interleaved rounds; speedup = median of paired per-round ratios, bootstrap 95% interval" if self.comparisons else "")
+            f"warm-up {self.settings['warmup']} runs; first run and session init not in the statistics"
+            + ("; interleaved rounds; speedup = median of paired per-round ratios, bootstrap 95% interval" if self.comparisons else "")
         )
         out = [t]
         diffs = [c for c in self.comparisons if c.get("outputs")]

@@ -1,0 +1,395 @@
+"""``onnxopt bench``: statistics, interleaved comparisons, IO binding, errors, JSON schema.
+
+Tests check behaviour (what is reported, that it is consistent, that outputs are
+compared on the same inputs, that bad input fails cleanly), never timing targets;
+those live in benchmarks/bench_fidelity.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.bench import benchmark, load_schema, validate_report
+from onnxopt.bench.core import _Runner, session_options
+from onnxopt.bench.machine import physical_cores
+from onnxopt.bench.providers import ProviderConfig, check_session_providers, make_provider_config, resolve_ep
+from onnxopt.bench.schema import validate
+from onnxopt.bench.stats import latency_stats, paired_speedup
+from onnxopt.cli import main
+from onnxopt.errors import OnnxoptError
+
+FAST = dict(runs=6, warmup=1)
+
+
+def _mlp(path, batch="batch", in_name="x", seed=0):
+    """x[batch, 64] -> MatMul -> Relu -> MatMul -> y[batch, 16]: small, MatMul-heavy (quantizable)."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((64, 128)).astype(np.float32) * 0.1, "W1")
+    w2 = numpy_helper.from_array(rng.standard_normal((128, 16)).astype(np.float32) * 0.1, "W2")
+    nodes = [
+        helper.make_node("MatMul", [in_name, "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, [batch, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 16])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return str(path)
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    return _mlp(tmp_path / "mlp.onnx")
+
+
+@pytest.fixture
+def mlp_int8(tmp_path, mlp):
+    # Test fixture only: onnxopt never imports ORT's quantizer.
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = tmp_path / "mlp.int8.onnx"
+    quantize_dynamic(mlp, str(out), weight_type=QuantType.QInt8)
+    return str(out)
+
+
+def _one_line_error(capsys, argv, *, contains):
+    rc = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2, captured.err
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("onnxopt: error: ")
+    assert "Traceback" not in captured.err
+    assert contains in lines[0], lines[0]
+    return lines[0]
+
+
+# --- fp32 vs int8: speedup with an interval, outputs compared, JSON matches the schema -------
+
+def test_fp32_vs_int8_report(mlp, mlp_int8):
+    report = benchmark([mlp, mlp_int8], runs=15, warmup=2, check_outputs=True)
+    assert [r["model"] for r in report.results] == ["mlp.onnx", "mlp.int8.onnx"]
+    for r in report.results:
+        lat = r["latency_ms"]
+        assert r["runs"] == 15
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        assert lat["min"] <= lat["mean"] <= lat["max"]
+        assert r["throughput_per_s"] == pytest.approx(r["batch"] * 1000 / lat["mean"])
+        assert r["first_run_ms"] > 0 and r["session_init_ms"] > 0
+        assert r["threads"] == {"intra_op": physical_cores(), "inter_op": 1}
+        assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] >= 0  # /proc is there on Linux
+        # The statistics are those of the per-run samples kept for plotting.
+        samples = report.samples[(r["model"], "cpu", 1)]
+        assert samples.size == 15
+        assert lat["p50"] == pytest.approx(float(np.median(samples)))
+    (comp,) = report.comparisons
+    assert (comp["baseline"], comp["candidate"], comp["ep"], comp["batch"], comp["pairs"]) == (
+        "mlp.onnx", "mlp.int8.onnx", "cpu", 1, 15)
+    lo, hi = comp["speedup_interval"]
+    assert 0 < lo <= comp["speedup"] <= hi
+    # The speedup is the median of the paired per-round ratios of the reported samples.
+    a, b = report.samples[("mlp.onnx", "cpu", 1)], report.samples[("mlp.int8.onnx", "cpu", 1)]
+    assert comp["speedup"] == pytest.approx(float(np.median(a / b)))
+    (out,) = comp["outputs"]
+    assert out["name"] == "y" and out["shape_ref"] == [1, 16] == out["shape_new"]
+    assert 0 < out["max_abs"] < 0.5  # int8 differs from fp32, but not wildly
+    assert out["cosine"] > 0.99
+    data = json.loads(report.to_json())
+    validate_report(data)
+    assert data["schema"] == "onnxopt.bench/1"
+    assert data["settings"]["interleaved"] is True
+
+
+def test_cli_writes_json_csv_and_table(tmp_path, capsys, mlp, mlp_int8):
+    js, cs = tmp_path / "r.json", tmp_path / "r.csv"
+    rc = main(["bench", mlp, mlp_int8, "--runs", "5", "--warmup", "1", "--check-outputs", "--json", str(js), "--csv", str(cs)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "speedup vs first" in captured.out and "mlp.int8.onnx" in captured.out
+    assert f"intra-op {physical_cores()} (physical cores)" in " ".join(captured.out.split())
+    data = json.loads(js.read_text())
+    validate_report(data)
+    assert data["packages"]["onnxruntime"] == ort.__version__
+    assert data["machine"]["cpu"] and data["machine"]["physical_cores"] == physical_cores()
+    assert data["settings"]["threads"] == {"intra_op": physical_cores(), "inter_op": 1, "execution_mode": "sequential",
+                                           "source": "physical cores"}
+    assert data["settings"]["providers"]["cpu"]["name"] == "CPUExecutionProvider"
+    assert data["comparisons"][0]["outputs"][0]["name"] == "y"
+    rows = list(csv.DictReader(io.StringIO(cs.read_text())))
+    assert [r["model"] for r in rows] == ["mlp.onnx", "mlp.int8.onnx"]
+    assert rows[0]["speedup"] == "" and float(rows[1]["speedup"]) > 0
+    assert float(rows[1]["p50_ms"]) == pytest.approx(data["results"][1]["latency_ms"]["p50"], rel=1e-3)
+
+
+def test_schema_validator_rejects_broken_reports(mlp, mlp_int8):
+    good = benchmark([mlp, mlp_int8], runs=3, warmup=0).to_dict()
+    assert validate(good, load_schema()) == []
+
+    def broken(edit):
+        data = json.loads(json.dumps(good))
+        edit(data)
+        return validate(data, load_schema())
+
+    assert any("p99" in e for e in broken(lambda d: d["results"][0]["latency_ms"].pop("p99")))
+    assert any("runs" in e for e in broken(lambda d: d["results"][0].update(runs=0)))
+    assert any("runs" in e for e in broken(lambda d: d["results"][0].update(runs=True)))  # a bool is not an integer
+    assert any("speedup_interval" in e for e in broken(lambda d: d["comparisons"][0].update(speedup_interval=[1.0])))
+    assert any("machine" in e for e in broken(lambda d: d.pop("machine")))
+    assert any("schema" in e for e in broken(lambda d: d.update(schema="other/2")))
+    assert any("unexpected" in e for e in broken(lambda d: d["results"][0]["latency_ms"].update(p42=1.0)))
+    with pytest.raises(OnnxoptError, match="does not match schema.json"):
+        validate_report({"schema": "onnxopt.bench/1"})
+
+
+def test_schema_file_is_documented():
+    doc = os.path.join(os.path.dirname(__file__), "..", "docs", "bench.md")
+    text = open(doc, encoding="utf-8").read()
+    for key in ("latency_ms", "throughput_per_s", "first_run_ms", "session_init_ms", "peak_memory_mb",
+                "speedup_interval", "comparisons", "machine", "packages", "settings"):
+        assert key in text, key
+        assert key in json.dumps(load_schema())
+
+
+# --- batch sizes, inputs -----------------------------------------------------------------------
+
+def test_batch_sizes_and_same_model_twice(mlp):
+    report = benchmark([mlp, mlp], batch_sizes=[1, 4], check_outputs=True, **FAST)
+    assert [(r["model"], r["batch"]) for r in report.results] == [
+        ("mlp.onnx", 1), ("mlp.onnx#2", 1), ("mlp.onnx", 4), ("mlp.onnx#2", 4)]
+    for comp in report.comparisons:
+        (out,) = comp["outputs"]
+        assert out["shape_ref"] == [comp["batch"], 16]
+        assert out["max_abs"] == 0.0 and out["within"]  # the same model gives the same answers
+
+
+def test_fixed_batch_model_gives_a_clear_error(tmp_path, capsys):
+    fixed = _mlp(tmp_path / "fixed.onnx", batch=1)
+    assert benchmark(fixed, batch_sizes=[1], **FAST).results[0]["batch"] == 1
+    _one_line_error(capsys, ["bench", fixed, "--batch-sizes", "1,8", "--runs", "2"], contains="fixed batch dimension of 1")
+
+
+def test_incompatible_models(tmp_path, capsys, mlp):
+    other = _mlp(tmp_path / "other.onnx", in_name="features")
+    _one_line_error(capsys, ["bench", mlp, other, "--runs", "2"], contains="incompatible inputs")
+
+
+def test_npz_inputs_are_used_and_repeated_to_the_batch(tmp_path, mlp):
+    x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    report = benchmark([mlp, mlp], inputs=tmp_path / "in.npz", batch_sizes=[5], check_outputs=True, **FAST)
+    assert report.settings["input_shapes"] == {"x": [2, 64]}
+    assert report.comparisons[0]["outputs"][0]["shape_ref"] == [5, 16]
+    # Rows are repeated cyclically: outputs of the batch-5 feed equal the model on x[[0,1,0,1,0]].
+    sess = ort.InferenceSession(mlp, providers=["CPUExecutionProvider"])
+    runner = _Runner(sess, {"x": x[[0, 1, 0, 1, 0]]}, make_provider_config("cpu"), io_binding=False, include_copies=False)
+    _, outs = runner.first_run()
+    assert outs["y"].shape == (5, 16)
+
+
+def test_shape_option_sets_generated_inputs(tmp_path):
+    from onnxopt.testing.real_models import RealModelUnavailable, ppocr_model
+
+    try:
+        cls = str(ppocr_model("cls"))
+    except RealModelUnavailable as e:
+        pytest.skip(str(e))
+    report = benchmark(cls, shapes={"x": (1, 3, 48, 192)}, batch_sizes=[1, 2], runs=3, warmup=1)
+    assert report.settings["input_shapes"] == {"x": [1, 3, 48, 192]}
+    assert [r["batch"] for r in report.results] == [1, 2]
+    assert all(r["provider"] == "CPUExecutionProvider" for r in report.results)
+
+
+def test_duration_mode(mlp):
+    report = benchmark(mlp, duration=0.05, warmup=0)
+    r = report.results[0]
+    assert r["runs"] >= 1
+    assert report.settings["runs"] is None and report.settings["duration_s"] == 0.05
+    validate_report(report.to_dict())
+
+
+# --- the timed call --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_runner_outputs_match_session_run(mlp, io_binding):
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    sess = ort.InferenceSession(mlp, session_options(1), providers=["CPUExecutionProvider"])
+    expected = sess.run(None, {"x": x})[0]
+    runner = _Runner(sess, {"x": x}, make_provider_config("cpu"), io_binding=io_binding, include_copies=False)
+    _, outs = runner.first_run()
+    np.testing.assert_array_equal(outs["y"], expected)
+    for _ in range(3):
+        runner.step()  # with IO binding the first run's output buffers are reused
+    if io_binding:
+        np.testing.assert_array_equal(runner.io.copy_outputs_to_cpu()[0], expected)
+    runner.close()
+
+
+def test_io_binding_on_cpu_is_recorded(mlp):
+    report = benchmark(mlp, io_binding=True, **FAST)
+    assert report.results[0]["io_binding"] is True
+    assert benchmark(mlp, **FAST).results[0]["io_binding"] is False  # CPU default: plain session.run
+
+
+def test_progress_callback_is_called_between_runs(mlp):
+    calls = []
+    benchmark(mlp, runs=3, warmup=1, progress=lambda d, done, total: calls.append((d, done, total)))
+    assert any("timing" in d for d, _, _ in calls)
+    assert calls[-1][1] == 3
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+def test_latency_stats_match_numpy():
+    t = np.array([5.0, 1.0, 3.0, 2.0, 4.0, 100.0])
+    s = latency_stats(t)
+    assert s["p50"] == 3.5 and s["min"] == 1.0 and s["max"] == 100.0
+    assert s["p99"] == pytest.approx(np.percentile(t, 99))
+    assert s["std"] == pytest.approx(np.std(t, ddof=1))
+    assert latency_stats([2.0])["std"] == 0.0
+
+
+def test_paired_speedup_recovers_a_known_ratio_and_is_seeded():
+    rng = np.random.default_rng(7)
+    drift = np.linspace(1.0, 3.0, 400)  # the machine slows down threefold during the run
+    cand = drift * (1 + 0.05 * rng.standard_normal(400))
+    base = 2.0 * drift * (1 + 0.05 * rng.standard_normal(400))
+    s, (lo, hi) = paired_speedup(base, cand, seed=1)
+    assert lo < 2.0 < hi and hi - lo < 0.1  # drift cancels in the pairs
+    assert paired_speedup(base, cand, seed=1) == (s, (lo, hi))
+    assert paired_speedup(base, base) == (1.0, (1.0, 1.0))
+
+
+# --- providers ------------------------------------------------------------------------------
+
+def test_provider_names():
+    assert resolve_ep("cuda") == ("cuda", "CUDAExecutionProvider")
+    assert resolve_ep("TRT") == ("tensorrt", "TensorrtExecutionProvider")
+    assert resolve_ep("CPUExecutionProvider") == ("cpu", "CPUExecutionProvider")
+
+
+def test_silent_fallback_to_cpu_is_an_error():
+    class FellBack:  # what ORT does when CUDA libraries are missing: drop the provider, run on CPU
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    with pytest.raises(OnnxoptError, match="CUDAExecutionProvider failed to initialise"):
+        check_session_providers(FellBack(), ProviderConfig("cuda", "CUDAExecutionProvider", {}), "m.onnx")
+
+
+# --- bad input: one line on stderr, non-zero exit, nothing written ----------------------------------
+
+def _missing_provider():
+    for short in ("cuda", "tensorrt", "openvino", "dml", "qnn"):
+        if resolve_ep(short)[1] not in ort.get_available_providers():
+            return short
+    pytest.skip("every provider is installed")
+
+
+@pytest.mark.parametrize(
+    "args, contains",
+    [
+        (["missing.onnx"], "no such file"),
+        (["{m}", "--ep", "warp-drive"], "unknown execution provider"),
+        (["{m}", "--ep", "{missing_ep}"], "is not available in this onnxruntime build; pip install"),
+        (["{m}", "--shape", "nope:1x64"], "no input 'nope'"),
+        (["{m}", "--runs", "0"], "--runs must be at least 1"),
+        (["{m}", "--duration", "-1"], "--duration must be a positive number"),
+        (["{m}", "--runs", "3", "--duration", "1"], "not both"),
+        (["{m}", "--warmup", "-2"], "--warmup"),
+        (["{m}", "--batch-sizes", "1,x"], "--batch-sizes"),
+        (["{m}", "--json", "{tmp}/no/such/folder/r.json"], "does not exist"),
+        (["{m}", "--json", "{tmp}"], "is a folder"),
+        (["{m}", "--inputs", "{tmp}/none.npz"], "no such inputs file"),
+        (["{m}", "--trt-fp16"], "applies only to --ep tensorrt"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, tmp_path, mlp, args, contains):
+    missing_ep = _missing_provider() if "{missing_ep}" in args else ""
+    argv = ["bench"] + [a.format(m=mlp, tmp=tmp_path, missing_ep=missing_ep) for a in args] + ["--warmup", "0"] * ("--warmup" not in args)
+    line = _one_line_error(capsys, argv, contains=contains.split(";")[0])
+    if "pip install" in contains:
+        assert "pip install" in line
+    assert not (tmp_path / "no").exists()
+
+
+def test_plot_without_matplotlib_fails_before_benchmarking(capsys, tmp_path, mlp, monkeypatch):
+    import importlib.util
+
+    import onnxopt.bench
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    monkeypatch.setattr(onnxopt.bench, "benchmark", lambda *a, **k: pytest.fail("benchmark ran before the --plot check"))
+    line = _one_line_error(capsys, ["bench", mlp, "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "r.json")],
+                           contains="--plot needs matplotlib")
+    assert line == "onnxopt: error: --plot needs matplotlib: pip install 'onnxopt[plot]'"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_plot_draws_a_png(tmp_path, mlp):
+    pytest.importorskip("matplotlib")
+    report = benchmark([mlp, mlp], batch_sizes=[1, 2], **FAST)
+    report.plot(tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_entry_point_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "onnxopt.cli", "bench", str(tmp_path / "missing.onnx")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"onnxopt: error: {tmp_path / 'missing.onnx'}: no such file"]
+
+
+# --- GPU (skipped without onnxruntime-gpu and a GPU) ---------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="CUDAExecutionProvider not available"
+)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("include_copies", [False, True])
+def test_cuda_io_binding(mlp, mlp_int8, include_copies):
+    report = benchmark([mlp, mlp], ep="cuda", batch_sizes=[1, 8], include_copies=include_copies, check_outputs=True, **FAST)
+    assert all(r["io_binding"] and r["provider"] == "CUDAExecutionProvider" for r in report.results)
+    assert report.settings["providers"]["cuda"]["device"] == "cuda"
+    for comp in report.comparisons:
+        assert comp["outputs"][0]["max_abs"] == 0.0
+    # Device outputs copied back agree with the CPU provider.
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    cpu = ort.InferenceSession(mlp, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    sess = ort.InferenceSession(mlp, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    runner = _Runner(sess, {"x": x}, make_provider_config("cuda"), io_binding=True, include_copies=include_copies)
+    _, outs = runner.first_run()
+    runner.step()
+    np.testing.assert_allclose(runner.io.copy_outputs_to_cpu()[0], cpu, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(outs["y"], cpu, rtol=1e-3, atol=1e-4)
+    validate_report(report.to_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers(), reason="TensorRT EP not available")
+def test_tensorrt_options(tmp_path, mlp):
+    cache = tmp_path / "trt"
+    report = benchmark(mlp, ep="tensorrt", trt_fp16=True, trt_engine_cache=cache, **FAST)
+    opts = report.settings["providers"]["tensorrt"]["options"]
+    assert opts["trt_fp16_enable"] == "True" and opts["trt_engine_cache_path"] == str(cache)
+    assert report.results[0]["io_binding"] is True
