@@ -89,17 +89,21 @@ def _strip_value_info(graph: onnx.GraphProto) -> None:
                     _strip_value_info(g)
 
 
-def _collect_types(graph: onnx.GraphProto, into: dict[str, onnx.TypeProto]) -> None:
+def _collect_types(graph: onnx.GraphProto, into: dict[str, onnx.TypeProto], control_flow: frozenset[str]) -> None:
     for vi in (*graph.value_info, *graph.output):
         if vi.type.HasField("tensor_type"):
             into[vi.name] = vi.type
+    if not control_flow:
+        return
     for node in graph.node:
+        if node.op_type not in control_flow:
+            continue
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _collect_types(attr.g, into)
+                _collect_types(attr.g, into, control_flow)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    _collect_types(g, into)
+                    _collect_types(g, into, control_flow)
 
 
 def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
@@ -116,10 +120,17 @@ def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
     except Exception as e:  # inference is an optimisation aid; without it passes just do less
         logger.debug("shape inference failed: %s", e)
         return {}
-    types: dict[str, onnx.TypeProto] = {}
-    _collect_types(inferred.graph, types)
-    result: dict[ir.Value, ir.Shape] = {}
     graphs = [model.graph, *model.graph.subgraphs()]
+    # Op types that carry subgraphs, so the proto walk only looks inside those nodes.
+    control_flow = frozenset(
+        node.op_type
+        for graph in graphs
+        for node in graph
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+    )
+    types: dict[str, onnx.TypeProto] = {}
+    _collect_types(inferred.graph, types, control_flow)
+    result: dict[ir.Value, ir.Shape] = {}
     for graph in graphs:
         outputs = set(graph.outputs)
         for node in graph:

@@ -153,7 +153,9 @@ class ShapeValue:
 
 
 def _const_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
+    # An initializer that is also a graph input (old IR versions) can be overridden
+    # by the caller: it is not a constant.
+    if value is None or value.const_value is None or value.is_graph_input():
         return None
     try:
         return value.const_value.numpy()
@@ -388,7 +390,7 @@ class _Folder:
         if value in self.sym:
             return self.sym[value]
         tensor = value.const_value
-        if tensor is not None and tensor.dtype in _INT_TYPES and len(tensor.shape) <= 1 and tensor.size <= 64:
+        if tensor is not None and not value.is_graph_input() and tensor.dtype in _INT_TYPES and len(tensor.shape) <= 1 and tensor.size <= 64:
             arr = _const_array(value)
             if arr is None:
                 return None
@@ -673,8 +675,6 @@ class _Folder:
                     self.set_static_target(graph, node, target)
                     self.shape_folds += 1
                     self.folded += 1
-        if any(v is not None and v.is_graph_input() for v in node.inputs):
-            return False
         if len(node.outputs) == 1:
             sv = self.symbolic(node)
             if sv is not None:
@@ -687,7 +687,7 @@ class _Folder:
                         self.replace_with_constants(graph, node, [arr])
                         return True
                 self.sym[out] = sv
-        if not node.inputs or any(v is not None and v.const_value is None for v in node.inputs):
+        if not node.inputs or any(v is not None and (v.const_value is None or v.is_graph_input()) for v in node.inputs):
             return False
         arrays = [_const_array(v) if v is not None else None for v in node.inputs]
         if any(a is None and v is not None for a, v in zip(arrays, node.inputs)):
