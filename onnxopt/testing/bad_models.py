@@ -207,6 +207,17 @@ def external_short(folder) -> pathlib.Path:
     return _external(folder, "short.bin", "ext_short.onnx")
 
 
+def fails_at_runtime(folder) -> pathlib.Path:
+    """Valid and loadable, but Reshape([N,4] -> [5]) fails when it runs (N = 1)."""
+    model = small_graph()
+    model.graph.initializer.append(numpy_helper.from_array(np.array([5], np.int64), "five"))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "five"], ["x5"]))
+    model.graph.node.insert(1, helper.make_node("ReduceSum", ["x5"], ["x5sum"], keepdims=0))
+    model.graph.node[-1].input[0] = "add2"
+    model.graph.node.insert(len(model.graph.node) - 1, helper.make_node("Add", ["add", "x5sum"], ["add2"]))
+    return _save(model, folder, "fails_at_runtime.onnx")
+
+
 # name -> (builder, what the error must mention (lower-case substring, any of))
 BAD_MODELS = {
     "random_bytes": (random_bytes, ("not a valid onnx model",)),
@@ -231,4 +242,5 @@ BAD_MODELS = {
     "external_dotdot": (external_dotdot, ("outside",)),
     "external_symlink": (external_symlink, ("outside",)),
     "external_short": (external_short, ("past the end",)),
+    "fails_at_runtime": (fails_at_runtime, ("does not run",)),
 }
