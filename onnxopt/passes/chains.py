@@ -59,12 +59,25 @@ _EXACT: dict[D, frozenset[D]] = {
 }
 
 
-def _dtype(value: ir.Value) -> D | None:
+# Ops whose output has the element type of their first input.
+_SAME_TYPE = frozenset(
+    {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Identity", "Slice", "Gather", "Concat", "Expand",
+     "Relu", "Neg", "Abs", "Add", "Sub", "Mul", "Div", "Tile", "Pad", "Split", "Max", "Min", "Clip"}
+)
+
+
+def _dtype(value: ir.Value, depth: int = 8) -> D | None:
+    """The element type of ``value``: recorded, or followed back through type-preserving ops."""
     if value.dtype is not None:
         return value.dtype
     p = value.producer()
-    if p is not None and p.op_type == "Cast" and p.domain in ("", "ai.onnx") and "to" in p.attributes:
-        return D(attr(p, "to"))
+    if p is not None and p.domain in ("", "ai.onnx") and depth > 0:
+        if p.op_type == "Cast" and "to" in p.attributes:
+            return D(attr(p, "to"))
+        if p.op_type in ("Shape", "Size"):
+            return D.INT64
+        if p.op_type in _SAME_TYPE and p.inputs and p.inputs[0] is not None:
+            return _dtype(p.inputs[0], depth - 1)
     const = const_array(value)
     if const is not None:
         try:
@@ -200,6 +213,22 @@ class FuseChainsPass(NodeRewritePass):
         if inner.op_type == inverse:
             if sorted(outer_axes) == sorted(inner_axes):
                 return self._bypass(node, inner.inputs[0])
+            if op == "Squeeze" and min(outer_axes + inner_axes) >= 0 and set(outer_axes) < set(inner_axes):
+                # Squeeze(Unsqueeze(x, a), b) with b inside a: only the axes a - b remain new.
+                left = _unsqueeze_minus(inner_axes, outer_axes)
+                if left is None or sole_use(inner.outputs[0]) is not node:
+                    return False
+                new = ir.node("Unsqueeze", [inner.inputs[0]], name=node.name or None,
+                              outputs=[ir.Value(name=self.names.new(f"{node.outputs[0].name}_unsqueeze"))])
+                if opset < 13:
+                    new.attributes["axes"] = ir.AttrInt64s("axes", left)
+                else:
+                    new.resize_inputs(2)
+                    new.replace_input_with(1, make_const(self.names, node, np.array(left, dtype=np.int64), f"{node.outputs[0].name}_axes"))
+                graph.insert_before(node, new)
+                take_over(self.names, node.outputs[0], new.outputs[0])
+                remove_nodes(node, inner)
+                return True
             return False
         # Same op twice: merge when every axis is non-negative.
         if sole_use(inner.outputs[0]) is not node or min(outer_axes + inner_axes) < 0:
@@ -254,3 +283,16 @@ def _merge_squeeze(first: list[int], second: list[int]) -> list[int] | None:
     if max(second) >= len(remaining):
         return None
     return sorted(set(first) | {remaining[j] for j in second})
+
+
+def _unsqueeze_minus(added: list[int], removed: list[int]) -> list[int] | None:
+    """Axes still new after Unsqueeze(·, added) then Squeeze(·, removed), removed within added."""
+    if len(set(added)) != len(added):
+        return None
+    width = max(added) + 1
+    dims = ["x"] * width
+    it = iter(dims)
+    out_rank = width + len(added)
+    dims = ["new" if i in added else next(it) for i in range(out_rank)]
+    kept = [d for i, d in enumerate(dims) if i not in removed]
+    return [i for i, d in enumerate(kept) if d == "new"]

@@ -1,0 +1,440 @@
+"""Fusion passes: each must fire where the algebra holds and stay put where it does not.
+
+Every positive case compares ONNX Runtime on the rewritten model with ONNX Runtime on the
+original (or numpy where ORT cannot run the opset) and checks the node kinds left.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.graph import all_nodes, op_histogram
+from onnxopt.passes import get_pass
+from onnxopt.verify import run_model
+
+RNG = np.random.default_rng(0)
+F = TensorProto.FLOAT
+
+
+def rand(*shape, positive=False):
+    a = RNG.standard_normal(shape).astype(np.float32)
+    return np.abs(a) + 0.5 if positive else a
+
+
+def model(nodes, inputs, outputs, inits=(), opset=17, ir_version=8):
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs],
+        [numpy_helper.from_array(v, k) for k, v in dict(inits).items()],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = ir_version
+    # Outputs declared without a shape get the inferred one (the checker wants one).
+    inferred = onnx.shape_inference.infer_shapes(m)
+    for out, inf in zip(m.graph.output, inferred.graph.output):
+        if not out.type.tensor_type.HasField("shape"):
+            out.CopyFrom(inf)
+    return ir.serde.deserialize_model(m)
+
+
+def run_passes(m: ir.Model, *names: str) -> ir.Model:
+    m = ir.serde.deserialize_model(ir.serde.serialize_model(m))  # keep the original intact
+    for name in names:
+        get_pass(name).factory()(m)
+    get_pass("remove-unused").factory()(m)
+    onnx.checker.check_model(ir.serde.serialize_model(m))
+    return m
+
+
+def ops(m: ir.Model) -> list[str]:
+    return [n.op_type for n in all_nodes(m)]
+
+
+def assert_same(original: ir.Model, rewritten: ir.Model, feeds, rtol=1e-5, atol=1e-5):
+    ref = run_model(original, feeds)
+    new = run_model(rewritten, feeds)
+    assert list(new) == list(ref)  # same output names, same order
+    for k in ref:
+        np.testing.assert_allclose(new[k], ref[k], rtol=rtol, atol=atol)
+
+
+def bn_inits(c, prefix="bn"):
+    return {f"{prefix}_s": rand(c), f"{prefix}_b": rand(c), f"{prefix}_m": rand(c), f"{prefix}_v": rand(c, positive=True)}
+
+
+def bn_node(x, y, prefix="bn", **kw):
+    return helper.make_node("BatchNormalization", [x, f"{prefix}_s", f"{prefix}_b", f"{prefix}_m", f"{prefix}_v"], [y], **kw)
+
+
+X4 = [("x", F, ["N", 4, 8, 8])]
+
+
+# -- fuse-batchnorm ---------------------------------------------------------------------
+
+
+def test_batchnorm_into_conv_keeps_output_name():
+    m = model(
+        [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]), bn_node("c", "y", epsilon=1e-3)],
+        X4, [("y", F, ["N", 6, 8, 8])], {"W": rand(6, 4, 3, 3), "B": rand(6), **bn_inits(6)}, opset=15,
+    )
+    out = run_passes(m, "fuse-batchnorm")
+    assert ops(out) == ["Conv"] and out.graph.outputs[0].name == "y"
+    assert_same(m, out, {"x": rand(2, 4, 8, 8)})
+
+
+def test_batchnorm_into_grouped_conv_transpose():
+    m = model(
+        [helper.make_node("ConvTranspose", ["x", "W"], ["c"], group=2, strides=[2, 2]), bn_node("c", "y")],
+        X4, [("y", F, None)], {"W": rand(4, 3, 2, 2), **bn_inits(6)},
+    )
+    out = run_passes(m, "fuse-batchnorm")
+    assert ops(out) == ["ConvTranspose"]
+    assert_same(m, out, {"x": rand(1, 4, 8, 8)})
+
+
+def test_batchnorm_into_gemm_and_2d_matmul():
+    gemm = model(
+        [helper.make_node("Gemm", ["x", "W", "C"], ["g"], transB=1, beta=0.5), bn_node("g", "y")],
+        [("x", F, ["N", 5])], [("y", F, ["N", 3])], {"W": rand(3, 5), "C": rand(3), **bn_inits(3)},
+    )
+    out = run_passes(gemm, "fuse-batchnorm")
+    assert ops(out) == ["Gemm"]
+    assert_same(gemm, out, {"x": rand(4, 5)})
+    mm = model(
+        [helper.make_node("MatMul", ["x", "W"], ["g"]), bn_node("g", "y")],
+        [("x", F, ["N", 5])], [("y", F, ["N", 3])], {"W": rand(5, 3), **bn_inits(3)},
+    )
+    out = run_passes(mm, "fuse-batchnorm")
+    assert ops(out) == ["Gemm"]
+    assert_same(mm, out, {"x": rand(4, 5)})
+
+
+def test_batchnorm_not_fused_when_unsafe():
+    # 3-D MatMul: the BN channel axis (1) is not the MatMul's output axis.
+    mm3 = model(
+        [helper.make_node("MatMul", ["x", "W"], ["g"]), bn_node("g", "y")],
+        [("x", F, ["N", 3, 5])], [("y", F, None)], {"W": rand(5, 3), **bn_inits(3)},
+    )
+    assert ops(run_passes(mm3, "fuse-batchnorm")) == ["MatMul", "BatchNormalization"]
+    # Training mode (opset 15 attribute, extra outputs).
+    train = model(
+        [helper.make_node("Conv", ["x", "W"], ["c"]),
+         helper.make_node("BatchNormalization", ["c", "bn_s", "bn_b", "bn_m", "bn_v"], ["y", "rm", "rv"], training_mode=1)],
+        X4, [("y", F, None)], {"W": rand(6, 4, 1, 1), **bn_inits(6)}, opset=15,
+    )
+    assert ops(run_passes(train, "fuse-batchnorm")) == ["Conv", "BatchNormalization"]
+    # A weight shared with another Conv must not change under that Conv.
+    shared = model(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y"), helper.make_node("Conv", ["x", "W"], ["z"])],
+        X4, [("y", F, None), ("z", F, None)], {"W": rand(6, 4, 1, 1), **bn_inits(6)},
+    )
+    assert op_histogram(run_passes(shared, "fuse-batchnorm")) == {"Conv": 2, "BatchNormalization": 1}
+    # The Conv output is also a graph output: it must stay as it is.
+    visible = model(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")],
+        X4, [("y", F, None), ("c", F, None)], {"W": rand(6, 4, 1, 1), **bn_inits(6)},
+    )
+    assert ops(run_passes(visible, "fuse-batchnorm")) == ["Conv", "BatchNormalization"]
+
+
+def _numpy_bn(c, s, b, m, v, eps):
+    shape = (1, -1, 1, 1)
+    return (c - m.reshape(shape)) / np.sqrt(v.reshape(shape) + eps) * s.reshape(shape) + b.reshape(shape)
+
+
+@pytest.mark.parametrize("opset,attrs,fuses", [
+    (6, {"spatial": 1, "is_test": 1}, True),
+    (6, {"is_test": 0}, False),          # training: batch statistics
+    (5, {"consumed_inputs": [0, 0, 0, 1, 1], "is_test": 1}, True),
+    (7, {"spatial": 0}, False),          # per-element normalisation
+    (8, {"spatial": 1}, True),
+])
+def test_batchnorm_old_opsets(opset, attrs, fuses):
+    inits = {"W": rand(6, 4, 3, 3), **bn_inits(6)}
+    m = model([helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y", epsilon=1e-4, **attrs)],
+              X4, [("y", F, ["N", 6, 6, 6])], inits, opset=opset, ir_version=4)
+    out = run_passes(m, "fuse-batchnorm")
+    assert ops(out) == (["Conv"] if fuses else ["Conv", "BatchNormalization"])
+    if not fuses:
+        return
+    # ORT runs opset >= 7 only; Conv is the same op in opsets 1-10, so run both sides at 7:
+    # the bare Conv (reference, then BN in numpy) and the fused Conv.
+    x = rand(2, 4, 8, 8)
+    conv_only = model([helper.make_node("Conv", ["x", "W"], ["y"])], X4, [("y", F, ["N", 6, 6, 6])], {"W": inits["W"]}, opset=7, ir_version=4)
+    ref = _numpy_bn(run_model(conv_only, {"x": x})["y"], inits["bn_s"], inits["bn_b"], inits["bn_m"], inits["bn_v"], 1e-4)
+    out.opset_imports[""] = 7
+    np.testing.assert_allclose(run_model(out, {"x": x})["y"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_inside_if_branch():
+    then = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "t")], "then", [], [helper.make_tensor_value_info("t", F, None)]
+    )
+    other = helper.make_graph([helper.make_node("Relu", ["x"], ["e"])], "else", [], [helper.make_tensor_value_info("e", F, None)])
+    m = model([helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+              [*X4, ("cond", TensorProto.BOOL, [])], [("y", F, None)], {"W": rand(4, 4, 1, 1), **bn_inits(4)})
+    out = run_passes(m, "fuse-batchnorm")
+    assert "BatchNormalization" not in ops(out)
+    then_out = out.graph.node(0).attributes["then_branch"].value.outputs[0]
+    assert then_out.name == "t"
+    for cond in (True, False):
+        assert_same(m, out, {"x": rand(1, 4, 8, 8), "cond": np.array(cond)})
+
+
+# -- fuse-conv-bias / fuse-matmul-add ----------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,op", [((1, 6, 1, 1), "Add"), ((6, 1, 1), "Add"), ((1,), "Add"), ((1, 6, 1, 1), "Sub")])
+def test_conv_bias_fused(shape, op):
+    m = model([helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node(op, ["c", "k"], ["y"])],
+              X4, [("y", F, None)], {"W": rand(6, 4, 3, 3), "k": rand(*shape)})
+    out = run_passes(m, "fuse-conv-bias")
+    assert ops(out) == ["Conv"] and len(out.graph.node(0).inputs) == 3
+    assert_same(m, out, {"x": rand(1, 4, 8, 8)})
+
+
+def test_conv_bias_not_fused():
+    # Varies over a spatial axis: not a bias.
+    spatial = model([helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Add", ["c", "k"], ["y"])],
+                    X4, [("y", F, None)], {"W": rand(6, 4, 1, 1), "k": rand(1, 6, 8, 8)})
+    assert ops(run_passes(spatial, "fuse-conv-bias")) == ["Conv", "Add"]
+    # Not a constant.
+    dyn = model([helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Add", ["c", "k"], ["y"])],
+                [*X4, ("k", F, [1, 6, 1, 1])], [("y", F, None)], {"W": rand(6, 4, 1, 1)})
+    assert ops(run_passes(dyn, "fuse-conv-bias")) == ["Conv", "Add"]
+
+
+@pytest.mark.parametrize("pads,fuses", [([0, 0, 0, 0], True), ([1, 1, 1, 1], False)])
+def test_input_bias_into_unpadded_conv(pads, fuses):
+    m = model([helper.make_node("Add", ["x", "k"], ["a"]), helper.make_node("Conv", ["a", "W", "B"], ["y"], group=2, pads=pads)],
+              X4, [("y", F, None)], {"W": rand(6, 2, 3, 3), "B": rand(6), "k": rand(1, 4, 1, 1)})
+    out = run_passes(m, "fuse-conv-bias")
+    assert ops(out) == (["Conv"] if fuses else ["Add", "Conv"])
+    assert_same(m, out, {"x": rand(1, 4, 8, 8)})
+
+
+def test_matmul_add_to_gemm_only_for_2d():
+    two = model([helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["b", "m"], ["y"])],
+                [("x", F, ["N", 5])], [("y", F, ["N", 3])], {"W": rand(5, 3), "b": rand(3)})
+    out = run_passes(two, "fuse-matmul-add")
+    assert ops(out) == ["Gemm"] and out.graph.outputs[0].name == "y"
+    assert_same(two, out, {"x": rand(4, 5)})
+    three = model([helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                  [("x", F, ["N", 2, 5])], [("y", F, None)], {"W": rand(5, 3), "b": rand(3)})
+    assert ops(run_passes(three, "fuse-matmul-add")) == ["MatMul", "Add"]
+
+
+# -- fuse-scale ------------------------------------------------------------------------------
+
+
+def test_scale_after_conv_gemm_matmul():
+    conv = model([helper.make_node("Conv", ["x", "W", "B"], ["c"]), helper.make_node("Mul", ["s", "c"], ["y"])],
+                 X4, [("y", F, None)], {"W": rand(6, 4, 3, 3), "B": rand(6), "s": rand(1, 6, 1, 1)})
+    out = run_passes(conv, "fuse-scale")
+    assert ops(out) == ["Conv"]
+    assert_same(conv, out, {"x": rand(1, 4, 8, 8)})
+    mm = model([helper.make_node("MatMul", ["x", "W"], ["c"]), helper.make_node("Div", ["c", "s"], ["y"])],
+               [("x", F, ["N", 7, 5])], [("y", F, None)], {"W": rand(5, 3), "s": rand(3, positive=True)})
+    out = run_passes(mm, "fuse-scale")
+    assert ops(out) == ["MatMul"]
+    assert_same(mm, out, {"x": rand(2, 7, 5)})
+
+
+def test_scale_before_grouped_conv_and_gemm():
+    conv = model([helper.make_node("Mul", ["x", "s"], ["a"]), helper.make_node("Conv", ["a", "W"], ["y"], group=2, pads=[1, 1, 1, 1])],
+                 X4, [("y", F, None)], {"W": rand(6, 2, 3, 3), "s": rand(4, 1, 1)})
+    out = run_passes(conv, "fuse-scale")
+    assert ops(out) == ["Conv"]
+    assert_same(conv, out, {"x": rand(1, 4, 8, 8)})
+    gemm = model([helper.make_node("Mul", ["x", "s"], ["a"]), helper.make_node("Gemm", ["a", "W"], ["y"])],
+                 [("x", F, ["N", 5])], [("y", F, None)], {"W": rand(5, 3), "s": np.array(0.25, np.float32)})
+    out = run_passes(gemm, "fuse-scale")
+    assert ops(out) == ["Gemm"]
+    assert_same(gemm, out, {"x": rand(4, 5)})
+
+
+def test_scale_chain_merged_and_dynamic_scale_left():
+    chain = model([helper.make_node("Div", ["x", "a"], ["d"]), helper.make_node("Mul", ["b", "d"], ["y"])],
+                  X4, [("y", F, None)], {"a": np.array(6.0, np.float32), "b": rand(1)})
+    out = run_passes(chain, "fuse-scale")
+    assert ops(out) == ["Mul"]
+    assert_same(chain, out, {"x": rand(1, 4, 8, 8)})
+    dyn = model([helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Mul", ["c", "s"], ["y"])],
+                [*X4, ("s", F, [1, 6, 1, 1])], [("y", F, None)], {"W": rand(6, 4, 1, 1)})
+    assert ops(run_passes(dyn, "fuse-scale")) == ["Conv", "Mul"]
+
+
+# -- fuse-pad ----------------------------------------------------------------------------------
+
+
+def _pad_model(mode, pads, consumer):
+    inits = {"p": np.array(pads, np.int64), "W": rand(6, 4, 3, 3)}
+    nodes = [helper.make_node("Pad", ["x", "p"], ["q"], mode=mode)]
+    if consumer == "Conv":
+        nodes.append(helper.make_node("Conv", ["q", "W"], ["y"], pads=[1, 0, 1, 0]))
+    else:
+        nodes.append(helper.make_node("AveragePool", ["q"], ["y"], kernel_shape=[3, 3], **consumer))
+    return model(nodes, X4, [("y", F, None)], inits, opset=13)
+
+
+@pytest.mark.parametrize("mode,pads,consumer,fuses", [
+    ("constant", [0, 0, 1, 2, 0, 0, 2, 1], "Conv", True),
+    ("reflect", [0, 0, 1, 1, 0, 0, 1, 1], "Conv", False),
+    ("constant", [0, 1, 1, 1, 0, 0, 1, 1], "Conv", False),  # pads a channel
+    ("constant", [0, 0, 1, 1, 0, 0, 1, 1], {"count_include_pad": 1}, True),
+    ("constant", [0, 0, 1, 1, 0, 0, 1, 1], {}, False),  # count_include_pad=0 averages differently
+])
+def test_fuse_pad(mode, pads, consumer, fuses):
+    m = _pad_model(mode, pads, consumer)
+    out = run_passes(m, "fuse-pad")
+    assert ("Pad" not in ops(out)) == fuses
+    if not (consumer == "Conv" and pads[1]):
+        assert_same(m, out, {"x": rand(1, 4, 8, 8)})
+
+
+# -- fuse-chains -------------------------------------------------------------------------------
+
+
+def test_chains_fire():
+    t = model([helper.make_node("Transpose", ["x"], ["a"], perm=[0, 2, 3, 1]), helper.make_node("Transpose", ["a"], ["b"], perm=[0, 3, 1, 2]),
+               helper.make_node("Transpose", ["b"], ["c"], perm=[1, 0, 2, 3]), helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 1, 3])],
+              X4, [("y", F, None)])
+    out = run_passes(t, "fuse-chains")
+    assert ops(out) == ["Transpose"] and out.graph.outputs[0].name == "y"
+    assert_same(t, out, {"x": rand(2, 4, 8, 8)})
+    r = model([helper.make_node("Reshape", ["x", "s1"], ["a"]), helper.make_node("Reshape", ["a", "s2"], ["y"])],
+              X4, [("y", F, None)], {"s1": np.array([-1, 16], np.int64), "s2": np.array([2, -1, 4], np.int64)})
+    out = run_passes(r, "fuse-chains")
+    assert ops(out) == ["Reshape"]
+    assert_same(r, out, {"x": rand(2, 4, 8, 8)})
+    su = model([helper.make_node("Unsqueeze", ["x", "a0"], ["a"]), helper.make_node("Unsqueeze", ["a", "a2"], ["b"]),
+                helper.make_node("Squeeze", ["b", "a2"], ["c"]), helper.make_node("Cast", ["c"], ["d"], to=TensorProto.DOUBLE),
+                helper.make_node("Cast", ["d"], ["y"], to=TensorProto.FLOAT)],
+               X4, [("y", F, None)], {"a0": np.array([0], np.int64), "a2": np.array([2], np.int64)})
+    out = run_passes(su, "fuse-chains")
+    assert ops(out) == ["Unsqueeze"]
+    assert_same(su, out, {"x": rand(2, 4, 8, 8)})
+    uu = model([helper.make_node("Unsqueeze", ["x", "a0"], ["a"]), helper.make_node("Unsqueeze", ["a", "a2"], ["y"])],
+               X4, [("y", F, None)], {"a0": np.array([0, 3], np.int64), "a2": np.array([2, 5], np.int64)})
+    out = run_passes(uu, "fuse-chains")
+    assert ops(out) == ["Unsqueeze"]
+    assert_same(uu, out, {"x": rand(2, 4, 8, 8)})
+
+
+def test_chains_left_alone():
+    # Narrowing intermediate: int32 -> float -> int32 loses integers above 2**24.
+    cast = model([helper.make_node("Cast", ["x"], ["a"], to=TensorProto.FLOAT), helper.make_node("Cast", ["a"], ["y"], to=TensorProto.INT32)],
+                 [("x", TensorProto.INT32, [3])], [("y", TensorProto.INT32, [3])])
+    assert ops(run_passes(cast, "fuse-chains")) == ["Cast", "Cast"]
+    # A 0 in the outer target copies a dim of the intermediate, not of x.
+    r = model([helper.make_node("Reshape", ["x", "s1"], ["a"]), helper.make_node("Reshape", ["a", "s2"], ["y"])],
+              X4, [("y", F, None)], {"s1": np.array([-1, 16], np.int64), "s2": np.array([0, -1], np.int64)})
+    assert ops(run_passes(r, "fuse-chains")) == ["Reshape", "Reshape"]
+
+
+# -- fuse-layernorm / fuse-gelu / upgrade-opset ----------------------------------------------
+
+
+def _layernorm_nodes(square="Pow", axes_input=False):
+    kw = {} if axes_input else {"axes": [-1]}
+    ins = (lambda v: [v, "ax"]) if axes_input else (lambda v: [v])
+    sq = (helper.make_node("Pow", ["d", "two"], ["sq"]) if square == "Pow" else helper.make_node("Mul", ["d", "d"], ["sq"]))
+    return [
+        helper.make_node("ReduceMean", ins("x"), ["mu"], **kw), helper.make_node("Sub", ["x", "mu"], ["d"]), sq,
+        helper.make_node("ReduceMean", ins("sq"), ["var"], **kw), helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["sd"]), helper.make_node("Div", ["d", "sd"], ["n"]),
+        helper.make_node("Mul", ["n", "gamma"], ["ng"]), helper.make_node("Add", ["ng", "beta"], ["y"]),
+    ]
+
+
+LN_INITS = {"two": np.array(2.0, np.float32), "eps": np.array(1e-5, np.float32), "gamma": rand(16), "beta": rand(16), "ax": np.array([-1], np.int64)}
+
+
+@pytest.mark.parametrize("opset,square,fuses", [(17, "Pow", True), (17, "Mul", True), (18, "Pow", True), (16, "Pow", False)])
+def test_layernorm(opset, square, fuses):
+    m = model(_layernorm_nodes(square, axes_input=opset >= 18), [("x", F, ["B", "S", 16])], [("y", F, None)], LN_INITS, opset=opset)
+    out = run_passes(m, "fuse-layernorm")
+    assert (ops(out) == ["LayerNormalization"]) == fuses
+    assert out.graph.outputs[0].name == "y"
+    assert_same(m, out, {"x": rand(2, 5, 16)})
+
+
+def _gelu_nodes(form):
+    if form == "erf":
+        return [helper.make_node("Div", ["x", "sqrt2"], ["a"]), helper.make_node("Erf", ["a"], ["e"]),
+                helper.make_node("Add", ["e", "one"], ["b"]), helper.make_node("Mul", ["x", "half"], ["h"]),
+                helper.make_node("Mul", ["h", "b"], ["y"])]
+    return [helper.make_node("Pow", ["x", "three"], ["p"]), helper.make_node("Mul", ["p", "k"], ["q"]),
+            helper.make_node("Add", ["x", "q"], ["r"]), helper.make_node("Mul", ["r", "c"], ["s"]),
+            helper.make_node("Tanh", ["s"], ["t"]), helper.make_node("Add", ["t", "one"], ["b"]),
+            helper.make_node("Mul", ["x", "b"], ["xb"]), helper.make_node("Mul", ["xb", "half"], ["y"])]
+
+
+GELU_INITS = {"sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32), "half": np.array(0.5, np.float32),
+              "three": np.array(3, np.float32), "k": np.array(0.044715, np.float32), "c": np.array(np.sqrt(2 / np.pi), np.float32)}
+
+
+@pytest.mark.parametrize("form,opset,fuses", [("erf", 20, True), ("tanh", 20, True), ("erf", 19, False)])
+def test_gelu(form, opset, fuses):
+    m = model(_gelu_nodes(form), [("x", F, ["B", 16])], [("y", F, None)], GELU_INITS, opset=opset, ir_version=9)
+    out = run_passes(m, "fuse-gelu")
+    assert (ops(out) == ["Gelu"]) == fuses
+    assert_same(m, out, {"x": rand(3, 16) * 3})
+
+
+def test_target_opset_upgrades_then_fuses_layernorm(tmp_path):
+    from onnxopt.cli import main
+    from onnxopt.optimize import optimize
+
+    m = model(_layernorm_nodes("Pow"), [("x", F, ["B", "S", 16])], [("y", F, ["B", "S", 16])], LN_INITS, opset=13)
+    assert "LayerNormalization" not in ops(optimize(m).model)  # default preset keeps opset 13
+    result = optimize(m, target_opset=17)
+    assert result.model.opset_imports[""] == 17 and ops(result.model) == ["LayerNormalization"]
+    assert not any(n.op_type == "Constant" for n in all_nodes(result.model))
+    assert_same(m, result.model, {"x": rand(2, 5, 16)})
+    path = tmp_path / "m.onnx"
+    ir.save(m, path)
+    # Downgrades are refused with one line, before anything is written.
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--target-opset", "12"]) == 2
+    assert not (tmp_path / "o.onnx").exists()
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--target-opset", "17"]) == 0
+    assert onnx.load(tmp_path / "o.onnx").opset_import[0].version == 17
+
+
+# -- the real models through `default` ---------------------------------------------------------
+
+# Lowest node count any peer (onnxsim, onnxslim, onnxscript) reaches on each model.
+PEER_BEST = {"det": 326, "rec": 393, "cls": 179, "minilm": 365}
+
+
+def _real_feeds(name):
+    from onnxopt.testing import real_models as rm
+
+    if name == "minilm":
+        return rm.encode_sentences(rm.sentences("eval", 4), seq_len=32)
+    img = rm.images("eval", 7)[-1][1]  # page.png: printed text
+    pre = {"det": lambda i: rm.det_preprocess(i, 320), "rec": rm.rec_preprocess, "cls": rm.cls_preprocess}[name](img)
+    return {"x": pre if pre.ndim == 4 else pre[None]}
+
+
+@pytest.mark.parametrize("name", ["det", "rec", "cls", "minilm"])
+def test_real_models_default_preset(name):
+    from tests.conftest import real_model
+
+    from onnxopt.model_io import load_model
+    from onnxopt.optimize import optimize
+
+    original = load_model(real_model(name))
+    feeds = _real_feeds(name)
+    result = optimize(original, inputs=feeds)
+    assert result.rolled_back == {}
+    assert result.nodes_after <= PEER_BEST[name], op_histogram(result.model)
+    hist = op_histogram(result.model)
+    assert "BatchNormalization" not in hist and "Constant" not in hist
+    assert_same(original, result.model, feeds, rtol=1e-4, atol=1e-5)
