@@ -397,3 +397,58 @@ def test_pass_manager_counts_cleanup_rewrites():
     stats = {s.name: s for s in result.stats}
     assert stats["fold-constants"].rewrites >= 1
     assert result.nodes_after == 1
+
+
+# ------------------------------------------------------------------ fold-if
+
+
+def test_fold_if_inlines_the_taken_branch_and_keeps_the_output_name():
+    from onnxopt.passes.fold_if import fold_ifs
+
+    inits = [numpy_helper.from_array(np.array(False), "cond"), numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "a")]
+    model = _if_model(
+        [helper.make_node("Add", ["x", "a"], ["t"])],
+        "t",
+        [helper.make_node("Mul", ["x", "a"], ["e1"]), helper.make_node("Relu", ["e1"], ["e"])],
+        "e",
+        cond_input=False,
+        extra_inits=inits,
+    )
+    after, n = _run(fold_ifs, model)
+    assert n == 1
+    assert _ops(after) == {"Mul": 1, "Relu": 1}
+    assert after.graph.outputs[0].name == "y"
+    _same_outputs(model, after, _feeds(model, x=(3, 2)))
+
+
+def test_fold_if_leaves_a_runtime_condition_alone():
+    from onnxopt.passes.fold_if import fold_ifs
+
+    model = _if_model(
+        [helper.make_node("Neg", ["x"], ["t"])], "t", [helper.make_node("Relu", ["x"], ["e"])], "e"
+    )
+    after, n = _run(fold_ifs, model)
+    assert n == 0 and _ops(after) == {"If": 1, "Neg": 1, "Relu": 1}
+
+
+def test_fold_if_nested_ifs_from_the_outside_in():
+    from onnxopt.passes.fold_if import fold_ifs
+
+    # Outer If(true) whose then-branch holds If(false) returning Identity(x) of the outer x.
+    inner_then = helper.make_graph([helper.make_node("Neg", ["x"], ["it"])], "it", [], [helper.make_tensor_value_info("it", F, ["N", 2])])
+    inner_else = helper.make_graph([helper.make_node("Identity", ["x"], ["ie"])], "ie", [], [helper.make_tensor_value_info("ie", F, ["N", 2])])
+    outer_then = helper.make_graph(
+        [helper.make_node("If", ["c_false"], ["inner"], then_branch=inner_then, else_branch=inner_else)],
+        "ot",
+        [],
+        [helper.make_tensor_value_info("inner", F, ["N", 2])],
+    )
+    outer_else = helper.make_graph([helper.make_node("Relu", ["x"], ["oe"])], "oe", [], [helper.make_tensor_value_info("oe", F, ["N", 2])])
+    nodes = [helper.make_node("If", ["c_true"], ["y"], then_branch=outer_then, else_branch=outer_else)]
+    inits = [numpy_helper.from_array(np.array(True), "c_true"), numpy_helper.from_array(np.array(False), "c_false")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["N", 2])], [helper.make_tensor_value_info("y", F, ["N", 2])], inits)
+    after, n = _run(fold_ifs, model)
+    assert n == 2
+    assert _ops(after) == {"Identity": 1}
+    assert after.graph.outputs[0].name == "y"
+    _same_outputs(model, after, _feeds(model, x=(3, 2)))

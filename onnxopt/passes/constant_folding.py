@@ -746,7 +746,7 @@ def _broadcast_1d(a: ShapeValue, b: ShapeValue, n: int | None = None):
     return da, db
 
 
-def fold_constants(model: ir.Model, *, max_rounds: int = 4) -> int:
+def fold_constants(model: ir.Model, *, max_rounds: int = 8) -> int:
     """Fold the model in place; returns the number of nodes folded.
 
     Rounds repeat while a shape fold happened, since each one can make shape
