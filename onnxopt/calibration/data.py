@@ -214,7 +214,10 @@ class _ImagePreprocessor:
             h, w = spec.size
             for want, got, what in ((fixed(h_dim), h, "height"), (fixed(w_dim), w, "width")):
                 if want is not None and want != got:
-                    raise OnnxoptError(f"image spec size {h}x{w}: input {value.name!r} has a fixed {what} of {want}")
+                    raise OnnxoptError(
+                        f"image spec size {h}x{w}: input {value.name!r} {_shape_text(shape)} has a fixed {what} "
+                        f"of {want} in layout {spec.layout} (wrong size or wrong layout?)"
+                    )
             self.size = (h, w)
         else:
             if fixed(h_dim) is None or fixed(w_dim) is None:
@@ -545,6 +548,7 @@ class CalibrationData:
     def __init__(self, model: ir.Model, source: _Source, samples: int | None):
         self._source = source
         self._samples = samples
+        self._known_len: int | None = None
         self._inputs = {v.name: v for v in model_inputs(model)}
         self._model = model
         self.is_random = source.is_random
@@ -558,10 +562,13 @@ class CalibrationData:
         self.description = desc
 
     def __iter__(self) -> Iterator[Feed]:
-        for i, (label, feed) in enumerate(self._source.open()):
-            if self._samples is not None and i >= self._samples:
+        n = 0
+        for label, feed in self._source.open():
+            if self._samples is not None and n >= self._samples:
                 break
             yield self._check(label, feed)
+            n += 1
+        self._known_len = n  # a complete pass: the length is known from now on
 
     def _check(self, label: str, feed: Any) -> Feed:
         if not isinstance(feed, Mapping):
@@ -579,6 +586,8 @@ class CalibrationData:
         return arrays
 
     def length_hint(self) -> int | None:
+        if self._known_len is not None:
+            return self._known_len
         n = self._source.length()
         if n is None:
             return None
@@ -684,6 +693,12 @@ def _path_source(path: pathlib.Path, model: ir.Model, image_spec: ImageSpec | No
         f"{path}: not calibration data (expected a folder of .npz files or images, an .npz file, "
         "an image, or 'random')"
     )
+
+
+def _shape_text(shape) -> str:
+    if shape is None:
+        return ""
+    return "[" + ", ".join(str(d) if isinstance(d, int) and d >= 0 else "?" for d in shape) + "]"
 
 
 def _first_line(e: BaseException) -> str:

@@ -268,8 +268,9 @@ class HistogramObserver(Observer):
         g0 = np.float32(self.g0)
         bsz = min(_BLOCK, n)
         fbuf = np.empty(bsz, dtype=np.float32)
-        ibuf = np.empty(bsz, dtype=np.intp)
-        total = np.zeros(self.slots, dtype=np.int64)
+        # float32 -> int32 is a vectorised cast (float32 -> int64 is not: 6x slower here).
+        ibuf = np.empty(bsz, dtype=np.int32)
+        total = self.counts if n <= _BLOCK else np.zeros(self.slots, dtype=np.int64)
         for start in range(0, n, _BLOCK):
             blk = flat[start : start + _BLOCK]
             m = blk.size
@@ -285,7 +286,8 @@ class HistogramObserver(Observer):
                 c[self.slots - 1] += c[self.slots :].sum()
                 c = c[: self.slots]
             total += c
-        self.counts += total
+        if total is not self.counts:
+            self.counts += total
 
     def _merge_from(self, other: Observer) -> None:
         assert isinstance(other, HistogramObserver)

@@ -1,0 +1,627 @@
+"""Calibration: observers against numpy ground truth, every data source on real models and
+real images, every bad input, and collect_stats against a brute-force ONNX Runtime run."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tracemalloc
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnxopt.calibration import ImageSpec, collect_stats, load_calibration_data, make_observer
+from onnxopt.calibration import collect as collect_mod
+from onnxopt.errors import OnnxoptError
+from onnxopt.model_io import load_model
+from onnxopt.testing import real_models as rm
+
+HIST_METHODS = ("percentile", "entropy", "mse")
+
+
+# ---------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------
+
+
+def _real(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except rm.RealModelUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def cls_path() -> pathlib.Path:
+    return _real(rm.ppocr_model, "cls")
+
+
+@pytest.fixture(scope="module")
+def cls_model(cls_path):
+    return load_model(cls_path)
+
+
+@pytest.fixture(scope="module")
+def det_model():
+    return load_model(_real(rm.ppocr_model, "det"))
+
+
+@pytest.fixture(scope="module")
+def calib_images():
+    return _real(rm.images, "calib", 4)
+
+
+@pytest.fixture(scope="module")
+def cls_feeds(calib_images):
+    return [{"x": rm.cls_preprocess(img)} for _, img in calib_images]
+
+
+@pytest.fixture(scope="module")
+def cls_all_tensors(cls_model):
+    """Every float tensor produced by a node of the cls model (Constants excluded)."""
+    names = []
+    for node in cls_model.graph:
+        if node.op_type == "Constant":
+            continue
+        for v in node.outputs:
+            if v.name and v.dtype in (None, onnx.TensorProto.FLOAT) or (v.dtype is not None and v.dtype.name == "FLOAT"):
+                names.append(v.name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def brute_force(cls_path, cls_feeds, cls_all_tensors):
+    """All intermediate tensors of the cls model for every feed, from a plain protobuf edit
+    and a fresh ORT session: an independent path to the same numbers."""
+    proto = onnx.load(str(cls_path))
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {vi.name: vi for vi in inferred.graph.value_info}
+    existing = {o.name for o in proto.graph.output}
+    for name in cls_all_tensors:
+        if name in existing:
+            continue
+        vi = types.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        proto.graph.output.append(vi)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out = {n: [] for n in cls_all_tensors}
+    for feed in cls_feeds:
+        for name, arr in zip(cls_all_tensors, sess.run(cls_all_tensors, feed)):
+            out[name].append(arr)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# observers
+# ---------------------------------------------------------------------------------------
+
+
+def _batches(rng, n=6, size=(4, 64, 257)):
+    return [(rng.standard_t(4, size=size) * (1 + i)).astype(np.float32) for i in range(n)]
+
+
+def test_minmax_is_exact():
+    rng = np.random.default_rng(1)
+    batches = _batches(rng)
+    obs = make_observer("minmax")
+    for b in batches:
+        obs.update(b)
+    allv = np.concatenate([b.ravel() for b in batches])
+    assert obs.range() == (float(allv.min()), float(allv.max()))
+    assert obs.count == allv.size and obs.finite and not obs.saturated
+
+
+@pytest.mark.parametrize("q", [99.0, 99.9, 99.99])
+def test_percentile_within_one_bin_of_numpy(q):
+    rng = np.random.default_rng(2)
+    batches = [rng.standard_normal((32, 1000)).astype(np.float32) * 3 + 1,
+               rng.standard_t(3, size=(32, 1000)).astype(np.float32),
+               rng.exponential(2.0, size=(32, 1000)).astype(np.float32)]
+    obs = make_observer("percentile", percentile=q)
+    for b in batches:
+        obs.update(b)
+    allv = np.concatenate([b.ravel() for b in batches])
+    counts, edges = obs.histogram()
+    width = edges[1] - edges[0]
+    assert counts.sum() == allv.size
+    assert obs.num_bins <= counts.size <= 2 * obs.num_bins  # resolution kept while the range grew
+    lo, hi = obs.range()
+
+    def near(value, p):
+        # numpy interpolates between two order statistics; in a sparse tail they can be
+        # bins apart, so "within a bin" means within a bin of the interval they span.
+        a = np.percentile(allv, p, method="lower")
+        b = np.percentile(allv, p, method="higher")
+        return a - width <= value <= b + width
+
+    assert near(hi, q) and near(lo, 100 - q)
+    for p in (1, 25, 50, 75, 99):
+        assert abs(obs.percentile_value(p) - np.percentile(allv, p)) <= width  # dense: tight
+
+
+def test_histogram_counts_match_numpy_histogram():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(200_000).astype(np.float32) * 5
+    obs = make_observer("percentile", num_bins=256)
+    obs.update(x[:1000])  # small first batch: the range then grows several times
+    obs.update(x[1000:])
+    counts, edges = obs.histogram()
+    ref, _ = np.histogram(x.astype(np.float64), bins=edges)
+    ref[-1] -= np.count_nonzero(x.astype(np.float64) == edges[-1])  # numpy's last bin is closed
+    assert np.array_equal(counts, ref)
+
+
+@pytest.mark.parametrize("method", ("minmax", *HIST_METHODS))
+def test_merge_equals_observing_both(method):
+    rng = np.random.default_rng(4)
+    a = [rng.standard_normal((8, 500)).astype(np.float32) * 0.1 for _ in range(3)]
+    b = [rng.standard_t(2, size=(8, 500)).astype(np.float32) * 50 + 3 for _ in range(3)]
+    both = make_observer(method)
+    for x in a + b:
+        both.update(x)
+    oa, ob = make_observer(method), make_observer(method)
+    for x in a:
+        oa.update(x)
+    for x in b:
+        ob.update(x)
+    merged = oa.merge(ob)
+    assert merged.range() == both.range()
+    assert ob.merge(oa).range() == both.range()
+    assert merged.count == both.count
+    if method != "minmax":
+        for got, want in zip(merged.histogram(), both.histogram()):
+            assert np.array_equal(got, want)
+        reverse = make_observer(method)  # batch order does not matter either
+        for x in reversed(a + b):
+            reverse.update(x)
+        assert reverse.range() == both.range()
+    assert oa.count == sum(x.size for x in a)  # merge leaves its inputs alone
+
+
+@pytest.mark.parametrize("symmetric", (False, True))
+def test_kl_clips_heavy_tails(symmetric):
+    rng = np.random.default_rng(5)
+    x = rng.standard_t(2, size=400_000).astype(np.float32)
+    obs = make_observer("entropy", symmetric=symmetric)
+    obs.update(x)
+    lo, hi = obs.range()
+    assert x.min() <= lo < 0 < hi <= x.max()
+    assert hi < 0.5 * x.max() and lo > 0.5 * x.min()  # the far tails are clipped
+    assert hi > np.percentile(x, 90) and lo < np.percentile(x, 10)  # ...but not the bulk
+    if symmetric:
+        assert lo == -hi
+
+
+def _fake_quant_mse(x, lo, hi, symmetric):
+    if symmetric:
+        s = hi / 127.0
+        q = np.clip(np.round(x / s), -127, 127) * s
+    else:
+        s = (hi - lo) / 255.0
+        z = np.round(-lo / s)
+        q = (np.clip(np.round(x / s) + z, 0, 255) - z) * s
+    return float(np.mean((q - x) ** 2))
+
+
+@pytest.mark.parametrize("symmetric", (False, True))
+@pytest.mark.parametrize("df", (2, 4))
+def test_mse_range_is_near_optimal_by_brute_force(symmetric, df):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_t(df, size=100_000) + 0.3).astype(np.float32)
+    obs = make_observer("mse", symmetric=symmetric)
+    obs.update(x)
+    lo, hi = obs.range()
+    if symmetric:
+        assert lo == -hi and 0 < hi < np.abs(x).max()
+    else:
+        assert x.min() <= lo < 0 < hi < x.max()
+    x64 = x.astype(np.float64)
+    ours = _fake_quant_mse(x64, lo, hi, symmetric)
+    if symmetric:
+        amax = float(np.abs(x64).max())
+        grid = [_fake_quant_mse(x64, -t, t, True) for t in np.linspace(0.5, amax, 200)]
+        full = _fake_quant_mse(x64, -amax, amax, True)
+    else:
+        grid = [_fake_quant_mse(x64, a, b, False) for a in np.linspace(x.min(), -0.5, 30)
+                for b in np.linspace(0.5, x.max(), 30)]
+        full = _fake_quant_mse(x64, float(x.min()), float(x.max()), False)
+    assert ours <= 1.05 * min(grid)  # as good as an exhaustive search on the real error
+    assert ours < full  # and better than not clipping
+
+
+@pytest.mark.parametrize("method", HIST_METHODS)
+def test_one_sided_tensor_gets_one_sided_range(method):
+    rng = np.random.default_rng(6)
+    x = np.maximum(rng.standard_t(3, size=300_000), 0).astype(np.float32)  # ReLU output
+    obs = make_observer(method)
+    obs.update(x)
+    lo, hi = obs.range()
+    assert 0 < hi <= x.max()
+    # entropy / mse search [0, max] only; percentile's low end is the 0.01th percentile,
+    # which lies in the first bin (half the values are exactly 0)
+    assert lo == 0.0 if method != "percentile" else 0.0 <= lo <= obs.histogram()[1][1]
+
+
+@pytest.mark.parametrize("method", ("minmax", *HIST_METHODS))
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -1e9, -3.4e38])
+def test_non_finite_and_mask_values_are_flagged_not_fatal(method, bad):
+    rng = np.random.default_rng(7)
+    clean = rng.standard_normal((2, 4, 64, 64)).astype(np.float32)
+    masked = clean.copy()
+    masked[:, :, :, 48:] = bad  # an additive attention mask on a quarter of the scores
+    obs, ref = make_observer(method), make_observer(method)
+    obs.update(masked)
+    obs.update(clean)
+    ref.update(clean[:, :, :, :48])
+    ref.update(clean)
+    lo, hi = obs.range()
+    assert np.isfinite(lo) and np.isfinite(hi)
+    # The masked values do not touch the histogram: same range as the clean values alone.
+    assert (lo, hi) == ref.range()
+    n_bad = masked[:, :, :, 48:].size
+    if np.isnan(bad) or np.isinf(bad):
+        assert not obs.finite and obs.nonfinite_count == n_bad
+    else:
+        assert obs.finite and obs.saturated and obs.outlier_count == n_bad
+    if np.isnan(bad):
+        assert (obs.observed_min, obs.observed_max) == (float(clean.min()), float(clean.max()))
+    elif bad > 0:
+        assert (obs.observed_min, obs.observed_max) == (float(clean.min()), float(np.float32(bad)))
+    else:  # raw extremes are reported as seen, so the quantizer knows why it must stay float
+        assert (obs.observed_min, obs.observed_max) == (float(np.float32(bad)), float(clean.max()))
+    assert obs.count == masked.size + clean.size
+
+
+def test_all_non_finite_and_constant_tensors():
+    obs = make_observer("percentile")
+    obs.update(np.full((3, 3), np.nan, dtype=np.float32))
+    assert obs.range() == (0.0, 0.0) and not obs.finite
+    for method in ("minmax", *HIST_METHODS):
+        o = make_observer(method)
+        o.update(np.zeros((10, 10), np.float32))
+        assert o.range() == (0.0, 0.0)
+        o.update(np.linspace(-2, 6, 1000, dtype=np.float32))  # grows from a zero-width range
+        lo, hi = o.range()
+        assert -2 <= lo <= 0 < hi <= 6
+
+
+def test_integer_half_and_bool_inputs():
+    for arr in (np.arange(-50, 50, dtype=np.int64).reshape(10, 10), np.linspace(-1, 3, 100).astype(np.float16),
+                np.array([True, False, True])):
+        for method in ("minmax", "percentile"):
+            o = make_observer(method, percentile=100.0)
+            o.update(arr)
+            assert o.range() == (float(arr.min()), float(arr.max()))
+
+
+def test_observer_options_are_checked():
+    with pytest.raises(OnnxoptError, match="unknown calibration method 'foo'"):
+        make_observer("foo")
+    with pytest.raises(OnnxoptError, match="percentile must be in"):
+        make_observer("percentile", percentile=20)
+    assert make_observer("kl").method == "entropy"
+
+
+# ---------------------------------------------------------------------------------------
+# data sources
+# ---------------------------------------------------------------------------------------
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for fa, fb in zip(a, b):
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            np.testing.assert_array_equal(fa[k], fb[k])
+
+
+def test_npz_folder(tmp_path, cls_model, cls_feeds):
+    for i, f in enumerate(cls_feeds):
+        np.savez(tmp_path / f"s{i:02d}.npz", **f)
+    data = load_calibration_data(tmp_path, cls_model)
+    assert len(data) == 4 and not data.is_random and "4 .npz files" in data.description
+    _same(list(data), cls_feeds)
+    _same(list(data), cls_feeds)  # re-iterable
+    _same(list(load_calibration_data(str(tmp_path), cls_model, samples=2)), cls_feeds[:2])
+
+
+@pytest.mark.parametrize("extra_axis", (False, True))
+@pytest.mark.parametrize("compress", (False, True))
+def test_stacked_npz(tmp_path, cls_model, cls_feeds, extra_axis, compress):
+    stacked = np.stack([f["x"] for f in cls_feeds]) if extra_axis else np.concatenate([f["x"] for f in cls_feeds])
+    path = tmp_path / "calib.npz"
+    (np.savez_compressed if compress else np.savez)(path, x=stacked)
+    data = load_calibration_data(path, cls_model)
+    assert len(data) == 4
+    feeds = list(data)
+    assert feeds[0]["x"].shape == (1, 3, 48, 192)
+    _same(feeds, cls_feeds)
+    _same(list(load_calibration_data(path, cls_model, samples=3)), cls_feeds[:3])
+
+
+def _write_pngs(folder: pathlib.Path, images):
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    for name, img in images:
+        Image.fromarray(img).save(folder / (pathlib.Path(name).stem + ".png"))
+
+
+def test_image_folder_matches_reference_preprocessing(tmp_path, det_model, calib_images):
+    _write_pngs(tmp_path / "imgs", calib_images)
+    spec = ImageSpec.parse("64x64,mean=0.5,std=0.5,bgr,nchw")
+    data = load_calibration_data(tmp_path / "imgs", det_model, image_spec=spec)
+    assert len(data) == 4 and "4 images" in data.description and "64x64" in data.description
+    ref = [rm.det_preprocess(img, size=64) for _, img in sorted(calib_images, key=lambda t: pathlib.Path(t[0]).stem)]
+    for got, want in zip(data, ref):
+        assert got["x"].dtype == np.float32 and got["x"].shape == (1, 3, 64, 64)
+        np.testing.assert_allclose(got["x"], want, atol=1e-6)
+
+
+def test_image_spec_parse_and_layouts(tmp_path, det_model, calib_images):
+    spec = ImageSpec.parse("32x64,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,rgb,nhwc,scale=1/255")
+    assert spec.size == (32, 64) and spec.layout == "NHWC" and spec.mean == (0.485, 0.456, 0.406)
+    assert abs(spec.scale - 1 / 255) < 1e-12
+    assert ImageSpec.parse("640").size == (640, 640)
+    with pytest.raises(OnnxoptError, match="unknown key 'foo'"):
+        ImageSpec.parse("640x640,foo=1")
+    with pytest.raises(OnnxoptError, match="cannot read 'purple'"):
+        ImageSpec.parse("640x640,purple")
+    _write_pngs(tmp_path / "i", calib_images[:1])
+    # NHWC into an NCHW model -> a clear error, not a shape crash in ORT
+    with pytest.raises(OnnxoptError, match=r"input 'x' \[\?, 3, \?, \?\] has a fixed height of 3 in layout NHWC"):
+        load_calibration_data(tmp_path / "i", det_model, image_spec=ImageSpec.parse("64x64,nhwc"))
+    with pytest.raises(OnnxoptError, match="dynamic height/width; give the image size"):
+        load_calibration_data(tmp_path / "i", det_model)
+
+
+def test_iterables_generators_and_readers(cls_model, cls_feeds):
+    data = load_calibration_data(cls_feeds, cls_model)
+    _same(list(data), cls_feeds)
+    gen = load_calibration_data((dict(f) for f in cls_feeds), cls_model)
+    _same(list(gen), cls_feeds)
+    _same(list(gen), cls_feeds)  # one-shot source, replayed from the disk cache
+    assert len(gen) == 4
+
+    class Rewindable:
+        def __init__(self):
+            self.i, self.rewinds = 0, 0
+
+        def get_next(self):
+            self.i += 1
+            return cls_feeds[self.i - 1] if self.i <= len(cls_feeds) else None
+
+        def rewind(self):
+            self.i = 0
+            self.rewinds += 1
+
+    r = Rewindable()
+    data = load_calibration_data(r, cls_model, samples=3)
+    _same(list(data), cls_feeds[:3])
+    _same(list(data), cls_feeds[:3])
+    # first-sample check, one counting pass (list() asks len() first), two passes
+    assert r.rewinds == 4
+
+
+def test_ort_reader_without_rewind_is_streamed_not_materialised(cls_model):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    n = 150
+    shape = (1, 3, 48, 192)  # 110 KB per feed, 16.6 MB for all of them
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.calls = 0
+
+        def get_next(self):
+            self.calls += 1
+            if self.calls > n:
+                return None
+            return {"x": np.full(shape, self.calls, dtype=np.float32)}
+
+    reader = Reader()
+    tracemalloc.start()
+    try:
+        data = load_calibration_data(reader, cls_model)
+        seen = [float(f["x"][0, 0, 0, 0]) for f in data]
+        again = [float(f["x"][0, 0, 0, 0]) for f in data]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == again == [float(i) for i in range(1, n + 1)]
+    assert reader.calls == n + 1  # drained once; the second pass came from disk
+    assert len(data) == n
+    assert peak < 4 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB: the reader was materialised"
+    stats = collect_stats(cls_model, data, ["x"], progress=False)
+    assert (stats["x"].min, stats["x"].max) == (1.0, float(n))
+    data.close()
+
+
+def test_random_is_labelled(cls_model):
+    data = load_calibration_data("random", cls_model, samples=3, shapes={"x": (1, 3, 48, 192)})
+    assert data.is_random and "smoke test" in data.description and len(data) == 3
+    feeds = list(data)
+    assert feeds[0]["x"].shape == (1, 3, 48, 192) and not np.array_equal(feeds[0]["x"], feeds[1]["x"])
+    _same(feeds, list(data))
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: one clear OnnxoptError each
+# ---------------------------------------------------------------------------------------
+
+
+def test_bad_inputs(tmp_path, cls_model, cls_feeds):
+    x = cls_feeds[0]["x"]
+    cases = [
+        ([{"x": x, "y": x}], "unknown input name 'y'"),
+        ([{"image": x}], "unknown input name 'image'"),
+        ([{}], "missing input 'x'"),
+        ([{"x": x[:, :2]}], r"input 'x' has shape \(1, 2, 48, 192\), the model expects \[-1, 3, \?, \?\]"),
+        ([{"x": x[0]}], "input 'x' has shape .* expects rank 4"),
+        ([{"x": x.astype(np.float64)}], "input 'x' has dtype float64, the model expects float32"),
+        ([{"x": x[:0]}], "input 'x' has an empty batch"),
+        ([x], "expected a dict of input name -> array"),
+        (tmp_path / "nope", "no such file or folder"),
+        (42, "cannot read calibration data from a int"),
+    ]
+    for spec, msg in cases:
+        with pytest.raises(OnnxoptError, match=msg):
+            load_calibration_data(spec, cls_model)
+    with pytest.raises(OnnxoptError, match="samples must be at least 1, got 0"):
+        load_calibration_data(cls_feeds, cls_model, samples=0)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OnnxoptError, match="calibration data folder is empty"):
+        load_calibration_data(empty, cls_model)
+    (empty / "notes.txt").write_text("hello")
+    with pytest.raises(OnnxoptError, match="holds no .npz files or images"):
+        load_calibration_data(empty, cls_model)
+
+    fake = tmp_path / "fake.npz"
+    fake.write_text("this is not a zip file")
+    with pytest.raises(OnnxoptError, match="fake.npz: not a readable .npz file"):
+        load_calibration_data(fake, cls_model)
+    folder = tmp_path / "npzs"
+    folder.mkdir()
+    np.savez(folder / "a.npz", x=x)
+    (folder / "b.npz").write_bytes(b"garbage")
+    data = load_calibration_data(folder, cls_model)  # the first file is fine...
+    with pytest.raises(OnnxoptError, match="b.npz: not a readable .npz file"):
+        list(data)  # ...the second fails, by name, as it streams
+
+    bad = tmp_path / "stack.npz"
+    np.savez(bad, x=np.zeros((3, 1, 1, 3, 48, 192), np.float32))
+    with pytest.raises(OnnxoptError, match="expected rank 4 .* or 5"):
+        load_calibration_data(bad, cls_model)
+    np.savez(bad, y=np.zeros((3, 3, 48, 192), np.float32))
+    with pytest.raises(OnnxoptError, match="unknown input name 'y'"):
+        load_calibration_data(bad, cls_model)
+
+
+def test_undecodable_image_is_named(tmp_path, det_model, calib_images):
+    folder = tmp_path / "imgs"
+    _write_pngs(folder, calib_images[:2])
+    (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = load_calibration_data(folder, det_model, image_spec=ImageSpec(size=(64, 64)))
+    with pytest.raises(OnnxoptError, match="zz_broken.png: cannot decode image"):
+        list(data)
+    with pytest.raises(OnnxoptError, match="aa_broken.jpg: cannot decode image"):
+        (folder / "aa_broken.jpg").write_bytes(b"\xff\xd8 nope")
+        load_calibration_data(folder, det_model, image_spec=ImageSpec(size=(64, 64)))  # first file: at load time
+
+
+def test_every_sample_is_validated_as_it_streams(cls_model, cls_feeds):
+    feeds = list(cls_feeds) + [{"x": np.zeros((1, 3, 48, 192), np.int32)}]
+    data = load_calibration_data(feeds, cls_model)  # the first is fine
+    with pytest.raises(OnnxoptError, match="feed 4: input 'x' has dtype int32"):
+        list(data)
+
+
+# ---------------------------------------------------------------------------------------
+# collect_stats on the real classifier
+# ---------------------------------------------------------------------------------------
+
+
+def test_collect_minmax_equals_brute_force(cls_model, cls_feeds, cls_all_tensors, brute_force):
+    data = load_calibration_data(cls_feeds, cls_model)
+    stats = collect_stats(cls_model, data, ["x", *cls_all_tensors], progress=False)
+    assert list(stats) == ["x", *cls_all_tensors]
+    for name in cls_all_tensors:
+        arrs = brute_force[name]
+        st = stats[name]
+        # both sides run the graph as written (no ORT fusions), so the ranges are bit-exact
+        assert (st.min, st.max) == (float(min(a.min() for a in arrs)), float(max(a.max() for a in arrs))), name
+        assert st.count == sum(a.size for a in arrs)
+        assert st.finite and not st.saturated
+    xs = np.concatenate([f["x"] for f in cls_feeds])
+    assert (stats["x"].min, stats["x"].max) == (float(xs.min()), float(xs.max()))
+
+
+def test_grouping_gives_identical_stats(monkeypatch, cls_model, cls_feeds, cls_all_tensors):
+    data = load_calibration_data(cls_feeds, cls_model)
+    names = cls_all_tensors[::3]
+    sessions = []
+    real = collect_mod._augmented
+
+    def counting(model, group_names):
+        sessions.append(len(group_names))
+        return real(model, group_names)
+
+    monkeypatch.setattr(collect_mod, "_augmented", counting)
+    one = collect_stats(cls_model, data, names, method="percentile", progress=False)
+    assert len(sessions) == 1
+    many = collect_stats(cls_model, data, names, method="percentile", progress=False, max_group_bytes=600_000)
+    assert len(sessions) > 5 and sum(sessions[1:]) == len(names)
+    for name in names:
+        a, b = one[name], many[name]
+        assert (a.min, a.max, a.count, a.observed_min, a.observed_max) == (
+            b.min, b.max, b.count, b.observed_min, b.observed_max), name
+
+
+def test_channel_absmax_and_mean(cls_model, cls_feeds, cls_all_tensors, brute_force):
+    conv_out = next(n.outputs[0].name for n in cls_model.graph if n.op_type == "Conv")
+    last = cls_all_tensors[-1]
+    weight = next(n.inputs[1].name for n in cls_model.graph if n.op_type == "Conv")
+    data = load_calibration_data(cls_feeds, cls_model)
+    stats = collect_stats(
+        cls_model, data, [conv_out], channel_absmax_for=[conv_out, last], mean_for=[conv_out, "x"], progress=False
+    )
+    ref = np.concatenate(brute_force[conv_out])
+    np.testing.assert_allclose(stats[conv_out].channel_absmax, np.abs(ref).max(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(stats[conv_out].mean_per_channel, ref.mean(axis=(0, 2, 3), dtype=np.float64), rtol=1e-5)
+    assert stats[last].channel_absmax is not None and stats[last].mean_per_channel is None
+    xs = np.concatenate([f["x"] for f in cls_feeds])
+    np.testing.assert_allclose(stats["x"].mean_per_channel, xs.mean(axis=(0, 2, 3), dtype=np.float64), rtol=1e-6)
+    # an initializer is observed from its value
+    w = collect_stats(cls_model, data, [weight], progress=False)[weight]
+    wv = cls_model.graph.initializers[weight].const_value.numpy() if weight in cls_model.graph.initializers else None
+    if wv is not None:
+        assert (w.min, w.max) == (float(wv.min()), float(wv.max()))
+
+
+@pytest.mark.parametrize("method", HIST_METHODS)
+def test_histogram_methods_on_real_model(cls_model, cls_feeds, cls_all_tensors, method):
+    data = load_calibration_data(cls_feeds, cls_model)
+    names = cls_all_tensors[:40]
+    stats = collect_stats(cls_model, data, names, method=method, progress=False)
+    clipped = 0
+    for st in stats.values():
+        assert st.observed_min <= st.min <= st.max <= st.observed_max
+        clipped += st.max < st.observed_max
+    assert clipped > 0
+
+
+def test_collect_errors(cls_model, cls_feeds):
+    data = load_calibration_data(cls_feeds, cls_model)
+    with pytest.raises(OnnxoptError, match="no tensor named 'nope'"):
+        collect_stats(cls_model, data, ["nope"], progress=False)
+    with pytest.raises(OnnxoptError, match="unknown calibration method"):
+        collect_stats(cls_model, data, ["x"], method="median", progress=False)
+
+
+def test_original_model_untouched(cls_model, cls_feeds, cls_all_tensors):
+    before = [v.name for v in cls_model.graph.outputs]
+    collect_stats(cls_model, load_calibration_data(cls_feeds[:1], cls_model), cls_all_tensors[:5], progress=False)
+    assert [v.name for v in cls_model.graph.outputs] == before
+
+
+def test_minilm_attention_mask_is_flagged_not_fatal():
+    """The issue's crash: ORT's Percentile/Entropy fail with 'range not finite' on MiniLM."""
+    path = _real(rm.minilm_model)
+    model = load_model(path)
+    feeds = _real(rm.encode_sentences, _real(rm.sentences, "calib", 4), seq_len=32)
+    batches = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(4)]
+    names = [v.name for n in model.graph if n.op_type in ("Add", "Where", "Softmax", "MatMul") for v in n.outputs]
+    data = load_calibration_data(batches, model)
+    stats = collect_stats(model, data, names, method="percentile", progress=False)
+    flagged = [s for s in stats.values() if not s.finite or s.saturated]
+    assert flagged, "the additive attention mask should be seen as non-finite or saturating"
+    for st in stats.values():
+        assert np.isfinite(st.min) and np.isfinite(st.max)
+    for st in flagged:
+        assert st.observed_min < -1e6 and st.min > -1e6
