@@ -278,3 +278,40 @@ def correct_qdq_biases(
         node.replace_input_with(2, dq.outputs[0])
         n += 1
     return n
+
+
+def bias_correction(qmodel: ir.Model, ctx) -> str:
+    """``weight_transforms`` hook for :func:`onnxopt.quantization.quantize`.
+
+    Runs after the weights are quantized and before the biases are: for every quantized
+    Conv of ``ctx.layers``, ``E[x]`` of its input is measured on the QDQ model itself over
+    ``ctx.calib`` (so upstream quantization is included, the empirical variant), and
+    ``-(W_q - W) E[x]`` is added to its float bias (created when absent), which the
+    quantizer then quantizes to int32 as usual.
+    """
+    from onnxopt.calibration import collect_stats
+
+    layers = [l for l in ctx.layers if l.op_type == "Conv" and l.node.inputs[0] is not None]
+    if not layers:
+        return "no Conv layers"
+    names = sorted({l.node.inputs[0].name for l in layers})
+    stats = collect_stats(qmodel, ctx.calib, [], mean_for=names, progress=False)
+    graph = qmodel.graph
+    n, shifts = 0, []
+    for layer in layers:
+        st = stats.get(layer.node.inputs[0].name)
+        mean = getattr(st, "mean_per_channel", None)
+        if mean is None:
+            continue
+        delta = bias_delta(layer.float_weight, layer.dequantized_weight, mean, _group(layer.node))
+        bias_value = ctx.ensure_bias(layer)
+        bias = bias_value.const_value.numpy()
+        new = _new_initializer(graph, f"{bias_value.name}_bc", (bias.astype(np.float64) + delta).astype(bias.dtype))
+        layer.node.replace_input_with(2, new)
+        if not bias_value.uses() and bias_value.is_initializer():
+            graph.initializers.pop(bias_value.name, None)
+        layer.bias_name = new.name
+        shifts.append(float(np.abs(delta).max()))
+        n += 1
+    ctx.report["bias_correction"] = {"corrected": n, "max_shift": max(shifts, default=0.0)}
+    return f"corrected {n} conv biases (largest shift {max(shifts, default=0.0):.3g})"

@@ -539,3 +539,19 @@ def _register() -> None:
 
 
 _register()
+
+
+def cross_layer_equalization(model: ir.Model, ctx=None) -> str:
+    """``float_transforms`` hook for :func:`onnxopt.quantization.quantize`: equalize the
+    float model in place (affine folding included) and return a one-line summary; the
+    statistics also go to ``ctx.report["cross_layer_equalization"]``."""
+    stats = equalize_cross_layer(model)
+    summary = (f"folded {stats.folded} affine ops into convs, equalized {stats.pairs} conv pairs "
+               f"in {stats.rounds} sweeps (worst range ratio {max(stats.ratio_before, default=1):.3g} -> "
+               f"{max(stats.ratio_after, default=1):.3g})")
+    if ctx is not None and hasattr(ctx, "report"):
+        ctx.report["cross_layer_equalization"] = {
+            "folded_affine_ops": stats.folded, "pairs": stats.pairs, "rounds": stats.rounds,
+            "skipped": stats.skipped,
+        }
+    return summary

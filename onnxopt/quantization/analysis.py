@@ -1,0 +1,208 @@
+"""What to quantize: the layers ORT has int8 kernels for, and the tensors that must stay float.
+
+Layers (each with a constant weight, an initializer after the float pipeline):
+
+- ``Conv`` (weight [O, I/g, k...], per-channel axis 0): input and output get Q/DQ so ONNX
+  Runtime fuses DQ -> Conv -> Q into ``QLinearConv``. A ``Relu`` that is the Conv's only
+  consumer is absorbed by an asymmetric (uint8) output quantizer whose range starts at 0,
+  as ORT's own quantizer does; the Q after it saturates negatives to the zero point.
+- ``MatMul`` with a constant 2-D right operand (per-channel axis 1): Q/DQ on the activation
+  and DQ on the weight only; ORT fuses this into ``MatMulIntegerToFloat`` (float output, so
+  the following bias Add, GELU and LayerNorm stay float and exact).
+- ``Gemm`` with a constant B (axis 0 if transB else 1), alpha = 1, transA = 0.
+
+Tensors kept float, whatever the user asks (the reason goes into the report):
+
+- additive attention-mask paths: everything computed only from an integer/bool graph input
+  that is not used as Gather indices (``attention_mask`` -> Cast -> Sub -> Mul by -10000, or
+  Where(mask, 0, -inf)), plus the Add that applies such a mask and the Softmax after it;
+- Softmax inputs (exponentials of quantized scores lose the top of the distribution);
+- tensors whose calibrated range is not finite (NaN/Inf seen) or saturated (|x| >= 1e4: an
+  8-bit grid with a step of 40 or more carries no information), checked in the API once
+  ranges are known (see :func:`unusable_range`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from onnxopt.errors import OnnxoptError
+
+HUGE_RANGE = 1e4
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+@dataclasses.dataclass
+class Layer:
+    """One quantizable node of the float model."""
+
+    name: str
+    op_type: str
+    act_input: str  # the activation tensor quantized on the way in
+    weight: str  # the constant weight (initializer) name
+    axis: int  # per-channel axis of the weight
+    bias: str | None = None  # Conv/Gemm bias initializer (quantized to int32)
+    out_range_tensor: str | None = None  # Conv: tensor whose range quantizes the output
+    absorbed_activation: str | None = None  # name of a Relu/Clip node folded into the output Q
+
+    @property
+    def quantizes_output(self) -> bool:
+        return self.out_range_tensor is not None
+
+
+def _const(value: ir.Value | None):
+    if value is None:
+        return None
+    if value.const_value is not None and value.is_initializer():
+        return value.const_value
+    return None
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in _FLOAT_TYPES
+
+
+def find_layers(model: ir.Model) -> tuple[list[Layer], dict[str, str]]:
+    """Quantizable layers of the main graph, and {node name: why not} for near misses."""
+    layers: list[Layer] = []
+    skipped: dict[str, str] = {}
+    graph_outputs = {v.name for v in model.graph.outputs}
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        x = node.inputs[0]
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        wt = _const(w)
+        if wt is None or not _is_float(x):
+            skipped[node.name] = "no constant weight" if wt is None else "input is not float"
+            continue
+        if x.is_initializer() or x.const_value is not None:
+            skipped[node.name] = "both operands constant"
+            continue
+        if node.op_type == "MatMul":
+            if len(wt.shape) != 2:
+                skipped[node.name] = f"weight has rank {len(wt.shape)} (needs 2)"
+                continue
+            layers.append(Layer(node.name, "MatMul", x.name, w.name, axis=1))
+        elif node.op_type == "Gemm":
+            attrs = node.attributes
+            if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0:
+                skipped[node.name] = "Gemm with transA or alpha != 1"
+                continue
+            axis = 0 if attrs.get_int("transB", 0) else 1
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            b = _const(bias)
+            use_bias = (
+                b is not None and len(b.shape) == 1 and attrs.get_float("beta", 1.0) == 1.0
+                and b.shape[0] == wt.shape[axis]
+            )
+            layers.append(Layer(node.name, "Gemm", x.name, w.name, axis=axis, bias=bias.name if use_bias else None))
+        else:  # Conv
+            if len(wt.shape) < 3:
+                skipped[node.name] = "Conv weight rank < 3"
+                continue
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            layer = Layer(node.name, "Conv", x.name, w.name, axis=0, bias=bias.name if _const(bias) is not None else None)
+            out = node.outputs[0]
+            consumers = list(out.consumers())
+            act = consumers[0] if len(consumers) == 1 else None
+            if act is not None and _absorbable_activation(act) and out.name not in graph_outputs:
+                layer.absorbed_activation = act.name
+                layer.out_range_tensor = act.outputs[0].name
+            elif out.name not in graph_outputs:
+                layer.out_range_tensor = out.name
+            layers.append(layer)
+    return layers, skipped
+
+
+def _absorbable_activation(node: ir.Node) -> bool:
+    """Relu, or Clip(min=0) given as constants: the output quantizer can do their job."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Relu":
+        return True
+    if node.op_type == "Clip":
+        lo = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        return lo is not None and float(lo.numpy().reshape(-1)[0]) == 0.0
+    return False
+
+
+def clip_max(model: ir.Model, node_name: str) -> float | None:
+    """Upper bound of an absorbed Clip (None for Relu)."""
+    for node in model.graph:
+        if node.name == node_name and node.op_type == "Clip" and len(node.inputs) > 2:
+            hi = _const(node.inputs[2])
+            return float(hi.numpy().reshape(-1)[0]) if hi is not None else None
+    return None
+
+
+def mask_tensors(model: ir.Model) -> dict[str, str]:
+    """{tensor name: reason} for additive-mask paths and Softmax inputs (kept float).
+
+    Seeds: integer/bool graph inputs not used as Gather indices (token ids are; masks are
+    not). A node's outputs are mask-derived when all its non-constant inputs are. The Add
+    that combines a mask-derived tensor with scores, and every Softmax input, are marked too.
+    """
+    derived: set[str] = set()
+    for v in model.graph.inputs:
+        if v.dtype in _FLOAT_TYPES or v.dtype is None:
+            continue
+        if any(n.op_type == "Gather" and i == 1 for n, i in v.uses()):
+            continue
+        derived.add(v.name)
+    result: dict[str, str] = {}
+    for node in model.graph:  # topological order
+        live = [v for v in node.inputs if v is not None and v.const_value is None and not v.is_initializer()]
+        if live and all(v.name in derived for v in live):
+            for out in node.outputs:
+                derived.add(out.name)
+                result[out.name] = "attention-mask path"
+        elif node.op_type in ("Add", "Sub", "Where") and any(v.name in derived for v in live):
+            for out in node.outputs:
+                if any(c.op_type == "Softmax" for c in out.consumers()):
+                    result[out.name] = "masked attention scores"
+        if node.op_type == "Softmax":
+            result.setdefault(node.inputs[0].name, "Softmax input")
+    # Only float tensors matter for quantization.
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    return {k: r for k, r in result.items() if k in values and _is_float(values[k])}
+
+
+def unusable_range(stats) -> str | None:
+    """Why a calibrated range cannot be quantized, or None."""
+    if not stats.finite:
+        return "range not finite (NaN/Inf seen in calibration)"
+    lo, hi = float(stats.min), float(stats.max)
+    if not (abs(lo) < HUGE_RANGE and abs(hi) < HUGE_RANGE):
+        return f"range saturated ([{lo:.3g}, {hi:.3g}])"
+    return None
+
+
+def apply_exclusions(model: ir.Model, layers: list[Layer], exclude) -> tuple[list[Layer], dict[str, str]]:
+    """Drop layers whose node name or op type is in ``exclude``; every entry must match something."""
+    if not exclude:
+        return layers, {}
+    names = {n.name for n in model.graph}
+    ops = {n.op_type for n in model.graph}
+    for item in exclude:
+        if item not in names and item not in ops:
+            raise OnnxoptError(f"--exclude {item!r}: no node or op type of that name in the model")
+    keep, dropped = [], {}
+    wanted = set(exclude)
+    for layer in layers:
+        if layer.name in wanted or layer.op_type in wanted:
+            dropped[layer.name] = "excluded by the user"
+        else:
+            keep.append(layer)
+    return keep, dropped
+
+
+def is_quantized(model: ir.Model) -> str | None:
+    """The first op that shows the model is already quantized, or None."""
+    quant_ops = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
+    for node in model.graph.all_nodes():
+        if node.op_type in quant_ops or node.op_type.startswith("QLinear") or node.op_type == "MatMulIntegerToFloat":
+            return node.op_type
+    return None

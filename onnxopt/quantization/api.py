@@ -1,0 +1,360 @@
+"""``quantize``: static int8 QDQ quantization with streaming calibration, as one function.
+
+Pipeline (each step's outcome goes into the report):
+
+1. refuse an already quantized model; run the float ``default`` optimize pipeline (with its
+   safety net) so BatchNorm is folded and constants are initializers;
+2. load the calibration data (``onnxopt.calibration``), raise the opset to 13 where
+   per-channel weights need it (:mod:`.opset`), run the ``float_transforms`` hooks;
+3. find the layers (:mod:`.analysis`), drop ``--exclude`` matches and anything on a mask path;
+4. SmoothQuant for MatMul groups (transformers), then one streaming calibration pass for all
+   activation ranges; layers whose input range is not finite or saturated stay float;
+5. QDQ insertion (:mod:`.qdq`), ``weight_transforms`` hooks (bias correction), int32 biases;
+6. with ``max_drop`` or ``report``: per-layer sensitivity and the accuracy-aware fallback,
+   measured on held-out calibration samples (the last ones of the calibration set);
+7. checker + ONNX Runtime load, and the fused int8 kernels ORT builds, listed in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.graph import op_histogram, opset_version
+from onnxopt.model_io import check_output_path, load_model, save_model
+from onnxopt.quantization import analysis
+from onnxopt.quantization.context import QuantContext
+from onnxopt.quantization.opset import ensure_opset
+from onnxopt.quantization.qdq import build_qdq, quantize_biases
+from onnxopt.quantization.scheme import scheme_for
+from onnxopt.quantization.sensitivity import layer_sqnr, run_all
+from onnxopt.quantization.smoothquant import apply_smoothquant, smoothing_groups
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+Hook = Callable[[ir.Model, QuantContext], "str | None"]
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    model: ir.Model
+    report: dict
+
+
+class _Slice:
+    """A re-iterable view of the first ``stop`` feeds of calibration data (no copies kept)."""
+
+    def __init__(self, data, start: int, stop: int):
+        self._data, self._start, self._stop = data, start, stop
+        self.description = f"samples {start}..{stop - 1} of {getattr(data, 'description', 'calibration data')}"
+        self.is_random = getattr(data, "is_random", False)
+
+    def __iter__(self):
+        for i, feed in enumerate(self._data):
+            if i >= self._stop:
+                return
+            if i >= self._start:
+                yield feed
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"onnxopt quantize: {msg}", file=sys.stderr, flush=True)
+
+
+def _run_hooks(hooks: Sequence, model: ir.Model, ctx: QuantContext, key: str) -> None:
+    entries = []
+    for hook in hooks:
+        name = getattr(hook, "__name__", type(hook).__name__)
+        if hasattr(hook, "call") and not callable(getattr(hook, "__call__", None)):
+            raise OnnxoptError(f"{key}: {name} is not callable")
+        try:
+            out = hook(model, ctx) if not _is_ir_pass(hook) else hook(model)
+        except OnnxoptError:
+            raise
+        entries.append({"name": name, "summary": out if isinstance(out, str) else None})
+    if entries:
+        ctx.report.setdefault("hooks", {})[key] = entries
+
+
+def _is_ir_pass(obj) -> bool:
+    return isinstance(obj, ir.passes.PassBase)
+
+
+def _cosine_drop(refs: list[dict], outs: list[dict]) -> tuple[float, float]:
+    """(1 - mean cosine, 1 - min cosine) over samples; per sample the worst float output."""
+    per_sample = []
+    for ref, out in zip(refs, outs):
+        worst = 1.0
+        for name, r in ref.items():
+            if r.dtype.kind != "f":
+                continue
+            a = np.nan_to_num(r.astype(np.float64).ravel())
+            b = np.nan_to_num(out[name].astype(np.float64).ravel())
+            na, nb = np.linalg.norm(a), np.linalg.norm(b)
+            cos = float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
+            worst = min(worst, cos)
+        per_sample.append(worst)
+    return 1.0 - float(np.mean(per_sample)), 1.0 - float(np.min(per_sample))
+
+
+def fused_kernels(model: ir.Model) -> dict[str, int]:
+    """Op histogram of ONNX Runtime's optimized graph, restricted to quantized kernels."""
+    import onnx
+    import onnxruntime as ort
+
+    from onnxopt.verify import session_options
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-fused-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        so = session_options(1)
+        so.optimized_model_filepath = path
+        ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        proto = onnx.load(path, load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        op = node.op_type
+        if "Integer" in op or op.startswith("QLinear") or op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+            counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def quantize(
+    model_or_path,
+    calib,
+    *,
+    method: str = "minmax",
+    target: str = "cpu",
+    per_channel: bool = True,
+    exclude: Sequence[str] = (),
+    samples: int | None = None,
+    max_drop: float | None = None,
+    report: str | os.PathLike | None = None,
+    smoothquant: str | bool = "auto",
+    smoothquant_alpha: float = 0.5,
+    image_spec=None,
+    shapes=None,
+    progress: bool = True,
+    float_transforms: Sequence[Hook] = (),
+    weight_transforms: Sequence[Hook] = (),
+    sensitivity: bool | None = None,
+    holdout: int | None = None,
+) -> QuantizeResult:
+    """Quantize a float model to int8 QDQ for ``target``; see the module docstring.
+
+    ``calib``: anything ``onnxopt.calibration.load_calibration_data`` accepts (folder of .npz
+    or images, one .npz, iterable of feed dicts, a CalibrationDataReader). ``max_drop``: the
+    largest allowed ``1 - mean cosine`` between fp32 and int8 outputs on held-out calibration
+    samples; the most sensitive layers go back to float until it holds. ``report``: a JSON
+    path for the report (also returned as ``QuantizeResult.report``). ``smoothquant``:
+    "auto" (on for MatMul groups), True/"on", False/"off". ``sensitivity``: compute per-layer
+    SQNR (default: when ``report`` or ``max_drop`` is given).
+    """
+    from onnxopt.calibration import collect_stats, load_calibration_data
+    from onnxopt.optimize import optimize
+    from onnxopt.verify import check_model, make_session
+
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise OnnxoptError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+    if max_drop is not None and not (0 < max_drop < 1):
+        raise OnnxoptError(f"--max-drop {max_drop}: must be between 0 and 1 (a drop in cosine similarity)")
+    if smoothquant not in ("auto", "on", "off", True, False):
+        raise OnnxoptError(f"smoothquant={smoothquant!r}: use 'auto', 'on' or 'off'")
+    scheme = scheme_for(target, per_channel=per_channel)
+    if report is not None:
+        check_output_path(report)
+    src = model_or_path if isinstance(model_or_path, ir.Model) else load_model(model_or_path)
+    already = analysis.is_quantized(src)
+    if already:
+        raise OnnxoptError(f"the model is already quantized (it contains {already}); quantize the float model")
+    # Check --exclude against the original node names and op types before any work.
+    if exclude:
+        analysis.apply_exclusions(src, [], exclude)
+    rep: dict = {"scheme": scheme.describe(), "method": method, "target": target}
+
+    _say(progress, "float optimize pipeline")
+    opt = optimize(src, verify="final", shapes=shapes)
+    model = opt.model
+    ir.passes.common.NameFixPass()(model)
+    rep["float_pipeline"] = {"nodes_before": opt.nodes_before, "nodes_after": opt.nodes_after,
+                             "rolled_back": list(getattr(opt, "rolled_back", []) or [])}
+
+    data = load_calibration_data(calib, model, samples=samples, image_spec=image_spec)
+    n = len(data)
+    if n == 0:
+        raise OnnxoptError("the calibration data holds no samples")
+    want_sens = sensitivity if sensitivity is not None else (report is not None or max_drop is not None)
+    h = 0
+    if want_sens:
+        h = holdout if holdout is not None else (min(16, max(1, n // 5)) if n >= 4 else 0)
+    calib_data = _Slice(data, 0, n - h) if h else data
+    held_feeds = [f for i, f in enumerate(data) if i >= n - h] if h else []
+    if want_sens and not held_feeds:
+        held_feeds = [f for i, f in enumerate(data) if i < 4]
+    rep["calibration"] = {"description": getattr(data, "description", ""), "samples": n - h,
+                          "held_out": h, "is_random": bool(getattr(data, "is_random", False))}
+    first_feed = next(iter(data))
+
+    if scheme.per_channel:
+        before = opset_version(model)
+        model, how = ensure_opset(model, 13, feeds=first_feed)
+        ir.passes.common.NameFixPass()(model)
+        rep["opset"] = {"from": before, "to": opset_version(model), "how": how}
+
+    ctx = QuantContext(float_model=model, calib=calib_data, scheme=scheme, report=rep)
+    _run_hooks(float_transforms, model, ctx, "float_transforms")
+
+    layers, skipped = analysis.find_layers(model)
+    layers, excluded = analysis.apply_exclusions(model, layers, exclude)
+    masks = analysis.mask_tensors(model)
+    float_reasons: dict[str, str] = {**excluded}
+    kept = []
+    for layer in layers:
+        if layer.act_input in masks:
+            float_reasons[layer.name] = f"input on {masks[layer.act_input]}"
+        else:
+            kept.append(layer)
+    layers = kept
+    rep["kept_float_tensors"] = masks
+    if not layers:
+        raise OnnxoptError("nothing to quantize: the model has no Conv, MatMul or Gemm with a constant weight"
+                           + (" left after --exclude" if exclude else ""))
+
+    t_cal = time.perf_counter()
+    sq_entries: list[dict] = []
+    use_sq = smoothquant in ("on", True) or (smoothquant == "auto" and scheme.target != "tensorrt")
+    groups = smoothing_groups(layers) if use_sq else {}
+    if groups:
+        _say(progress, f"SmoothQuant statistics for {len(groups)} MatMul input(s)")
+        gstats = collect_stats(model, calib_data, list(groups), method="minmax",
+                               channel_absmax_for=list(groups), progress=progress)
+        absmax = {k: s.channel_absmax for k, s in gstats.items() if s.finite and s.channel_absmax is not None}
+        sq_entries = apply_smoothquant(model, layers, absmax, alpha=smoothquant_alpha,
+                                       fold_only=(smoothquant == "auto"))
+    rep["smoothquant"] = {"alpha": smoothquant_alpha, "groups": sq_entries} if use_sq else "off"
+
+    tensors = sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor})
+    _say(progress, f"calibrating {len(tensors)} activation tensors with {method} on {len(calib_data)} samples")
+    stats = collect_stats(model, calib_data, tensors, method=method, progress=progress)
+    rep["calibration"]["seconds"] = round(time.perf_counter() - t_cal, 3)
+    ctx.stats = stats
+    ranges: dict[str, tuple[float, float]] = {}
+    usable = []
+    for layer in layers:
+        why = analysis.unusable_range(stats[layer.act_input])
+        if why:
+            float_reasons[layer.name] = f"input {why}"
+            continue
+        ranges[layer.act_input] = (stats[layer.act_input].min, stats[layer.act_input].max)
+        if layer.out_range_tensor:
+            out_why = analysis.unusable_range(stats[layer.out_range_tensor])
+            if out_why:
+                layer.out_range_tensor = None
+                layer.absorbed_activation = None
+            else:
+                lo, hi = stats[layer.out_range_tensor].min, stats[layer.out_range_tensor].max
+                if layer.absorbed_activation:
+                    cmax = analysis.clip_max(model, layer.absorbed_activation)
+                    lo, hi = 0.0, (min(hi, cmax) if cmax is not None else hi)
+                    if lo != 0.0 or stats[layer.out_range_tensor].min < 0:
+                        lo = 0.0
+                ranges[layer.out_range_tensor] = (lo, hi)
+        usable.append(layer)
+    layers = usable
+
+    def build(selected: list, ctx_: QuantContext | None = None):
+        qmodel, qlayers = build_qdq(model, selected, ranges, scheme)
+        if ctx_ is not None:
+            ctx_.layers = qlayers
+            _run_hooks(weight_transforms, qmodel, ctx_, "weight_transforms")
+        quantize_biases(qmodel, qlayers)
+        return qmodel, qlayers
+
+    layer_rep = {l.name: {"op_type": l.op_type, "quantized": True} for l in layers}
+    for name, why in float_reasons.items():
+        layer_rep[name] = {"quantized": False, "reason": why}
+    for name, why in skipped.items():
+        layer_rep.setdefault(name, {"quantized": False, "reason": why})
+
+    _say(progress, f"writing QDQ for {len(layers)} layers")
+    qmodel, qlayers = build(layers, ctx)
+
+    if want_sens and held_feeds:
+        sens_feeds = held_feeds[:4]
+        _say(progress, f"per-layer sensitivity (SQNR) on {len(sens_feeds)} held-out samples")
+        sqnr = layer_sqnr(model, layers, ranges, scheme, sens_feeds)
+        for name, db in sqnr.items():
+            layer_rep[name]["sqnr_db"] = round(db, 2)
+        refs = run_all(model, held_feeds)
+        drop, worst = _cosine_drop(refs, run_all(qmodel, held_feeds))
+        fb = {"metric": "1 - cosine similarity of the model outputs (per sample: the worst float output; "
+                        f"mean over {len(held_feeds)} held-out calibration samples)",
+              "before": drop, "worst_sample_before": worst, "max_drop": max_drop, "to_float": []}
+        if max_drop is not None and drop > max_drop:
+            # Noisiest layers first; grow the float set 1, 1, 1, 1, 2, 4, 8, 8, ... at a time.
+            order = sorted(layers, key=lambda l: sqnr[l.name])
+            step, moved = 1, 0
+            while drop > max_drop and moved < len(order):
+                moved = min(len(order), moved + step)
+                step = min(step * 2, 8) if moved >= 4 else 1
+                chosen = {l.name for l in order[:moved]}
+                remaining = [l for l in layers if l.name not in chosen]
+                if not remaining:
+                    raise OnnxoptError(f"--max-drop {max_drop}: not reachable even with every layer in float "
+                                       f"(the float model's own drop is 0; check the calibration data)")
+                ctx_fb = QuantContext(float_model=model, calib=calib_data, scheme=scheme, stats=stats, report=rep)
+                qmodel, qlayers = build(remaining, ctx_fb)
+                drop, worst = _cosine_drop(refs, run_all(qmodel, held_feeds))
+                _say(progress, f"fallback: {moved} layer(s) in float -> drop {drop:.4f}")
+            for l in order[:moved]:
+                layer_rep[l.name].update({"quantized": False, "reason": "accuracy fallback (--max-drop)"})
+            fb["to_float"] = [l.name for l in order[:moved]]
+        fb["after"] = drop
+        fb["worst_sample_after"] = worst
+        rep["fallback"] = fb
+
+    check_model(qmodel)
+    try:
+        make_session(qmodel).close()
+    except Exception as e:  # noqa: BLE001
+        raise OnnxoptError(f"internal error: ONNX Runtime cannot load the quantized model: {e}") from None
+    rep["layers"] = layer_rep
+    rep["quantized_layers"] = sum(1 for v in layer_rep.values() if v.get("quantized"))
+    rep["float_layers"] = sum(1 for v in layer_rep.values() if not v.get("quantized"))
+    rep["ops"] = op_histogram(qmodel)
+    rep["ort_fused_kernels"] = fused_kernels(qmodel)
+    rep["seconds"] = round(time.perf_counter() - t_start, 3)
+    if report is not None:
+        from onnxopt.atomic import write_text_atomic
+        import json
+
+        write_text_atomic(str(report), json.dumps(rep, indent=2, default=_json_default) + "\n")
+    return QuantizeResult(qmodel, rep)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def quantize_file(input_path, output_path, **kwargs) -> QuantizeResult:
+    """Load, quantize and atomically save; options as in :func:`quantize`."""
+    check_output_path(output_path, input_path)
+    result = quantize(input_path, **kwargs)
+    save_model(result.model, pathlib.Path(output_path))
+    return result

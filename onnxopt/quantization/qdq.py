@@ -1,0 +1,186 @@
+"""Write QDQ: int8 weights as initializers behind DequantizeLinear, shared Q/DQ on activations.
+
+Layout, chosen so ONNX Runtime's QDQ fusions fire (checked in the tests against ORT's
+optimized graph):
+
+- weight ``W`` -> initializer ``W_quantized`` (int8) + ``W_scale`` (float32, per channel) +
+  ``W_zero_point`` (int8 zeros) -> ``DequantizeLinear(axis=...)`` -> the layer. The weight is
+  quantized here, once; nothing is left for the runtime to quantize.
+- activation ``X`` -> one ``QuantizeLinear`` -> one ``DequantizeLinear`` per tensor, shared by
+  every quantized consumer (Q, K and V projections read the same LayerNorm output through one
+  pair). Float consumers of ``X`` (a residual Add) keep reading ``X``.
+- a quantized Conv's output gets its own Q/DQ (QLinearConv needs DQ -> Conv -> Q), and all
+  its consumers read the DQ; an absorbed Relu/Clip is removed, its range (starting at 0) is
+  the Q's range.
+- Conv/Gemm bias -> int32 initializer with scale = input scale * weight scale (per channel),
+  zero point 0, behind a DequantizeLinear; quantized in a separate step
+  (:func:`quantize_biases`) so bias correction can edit the float bias in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from onnxopt.quantization.analysis import Layer
+from onnxopt.quantization.scheme import Scheme, activation_qparams, dequantize_weight, quantize_weight
+
+
+@dataclasses.dataclass
+class QuantLayer:
+    """A layer as quantized in the QDQ model (what hooks and the report see)."""
+
+    name: str
+    op_type: str
+    node: ir.Node
+    weight_name: str
+    axis: int | None
+    weight_scale: np.ndarray
+    input_scale: float
+    input_zero_point: int
+    float_weight: np.ndarray
+    dequantized_weight: np.ndarray
+    bias_name: str | None
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    return model.clone()
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape))
+    value.dtype = ir.tensor(array).dtype
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, base: str, taken: set[str]) -> str:
+    name, i = base, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def build_qdq(
+    float_model: ir.Model,
+    layers: list[Layer],
+    ranges: dict[str, tuple[float, float]],
+    scheme: Scheme,
+) -> tuple[ir.Model, list[QuantLayer]]:
+    """A new model with ``layers`` in QDQ form (``float_model`` is not modified).
+
+    ``ranges``: {tensor: (lo, hi)} for every layer's input and quantized output range tensor.
+    """
+    model = clone_model(float_model)
+    graph = model.graph
+    nodes = {n.name: n for n in graph}
+    values = {v.name: v for v in graph.inputs}
+    for n in graph:
+        for v in n.outputs:
+            values[v.name] = v
+    taken = set(values) | set(graph.initializers)
+    new_nodes: list[ir.Node] = []
+    dq_of: dict[str, tuple[ir.Value, float, int]] = {}  # activation -> (DQ output, scale, zp)
+
+    def qdq(tensor: ir.Value, range_name: str) -> tuple[ir.Value, float, int]:
+        if tensor.name in dq_of:
+            return dq_of[tensor.name]
+        lo, hi = ranges[range_name]
+        scale, zp = activation_qparams(lo, hi, scheme)
+        base = tensor.name
+        s = _initializer(graph, _unique(graph, f"{base}_scale", taken), np.array(scale, dtype=np.float32))
+        z = _initializer(graph, _unique(graph, f"{base}_zero_point", taken), np.array(zp, dtype=scheme.act_numpy))
+        q = ir.node("QuantizeLinear", [tensor, s, z], name=_unique(graph, f"{base}_QuantizeLinear", taken))
+        q.outputs[0].name = _unique(graph, f"{base}_quantized", taken)
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=_unique(graph, f"{base}_DequantizeLinear", taken))
+        dq.outputs[0].name = _unique(graph, f"{base}_dequantized", taken)
+        dq.outputs[0].dtype = tensor.dtype
+        dq.outputs[0].shape = tensor.shape
+        new_nodes.extend([q, dq])
+        dq_of[tensor.name] = (dq.outputs[0], float(scale), int(zp))
+        return dq_of[tensor.name]
+
+    weight_dq: dict[str, tuple[ir.Value, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    qlayers: list[QuantLayer] = []
+    for layer in layers:
+        node = nodes[layer.name]
+        axis = layer.axis if scheme.per_channel else None
+        if layer.weight not in weight_dq:
+            w = graph.initializers[layer.weight].const_value.numpy().astype(np.float32)
+            q, scale = quantize_weight(w, axis)
+            wq = _initializer(graph, _unique(graph, f"{layer.weight}_quantized", taken), q)
+            ws = _initializer(graph, _unique(graph, f"{layer.weight}_scale", taken), scale)
+            wz = _initializer(graph, _unique(graph, f"{layer.weight}_zero_point", taken), np.zeros(scale.shape, np.int8))
+            attrs = {"axis": axis} if axis is not None else {}
+            dq = ir.node("DequantizeLinear", [wq, ws, wz], attributes=attrs,
+                         name=_unique(graph, f"{layer.weight}_DequantizeLinear", taken))
+            dq.outputs[0].name = _unique(graph, f"{layer.weight}_dequantized", taken)
+            dq.outputs[0].dtype = ir.DataType.FLOAT
+            dq.outputs[0].shape = ir.Shape(w.shape)
+            new_nodes.append(dq)
+            weight_dq[layer.weight] = (dq.outputs[0], scale, w, dequantize_weight(q, scale, axis), q)
+        w_dq, w_scale, w_float, w_deq, _ = weight_dq[layer.weight]
+        x = node.inputs[0]
+        x_dq, x_scale, x_zp = qdq(x, layer.act_input)
+        node.replace_input_with(0, x_dq)
+        node.replace_input_with(1, w_dq)
+        if layer.quantizes_output:
+            out = node.outputs[0]
+            if layer.absorbed_activation:
+                act = nodes[layer.absorbed_activation]
+                act_out = act.outputs[0]
+                # The Q reads the Conv output with the activation's range; the Relu goes.
+                y_dq, _, _ = qdq(out, layer.out_range_tensor)
+                act_out.replace_all_uses_with(y_dq)
+                graph.remove(act, safe=True)
+            else:
+                y_dq, _, _ = qdq(out, layer.out_range_tensor)
+                q_node = y_dq.producer().inputs[0].producer()
+                for user, idx in list(out.uses()):
+                    if user is not q_node:
+                        user.replace_input_with(idx, y_dq)
+        qlayers.append(QuantLayer(layer.name, layer.op_type, node, layer.weight, axis, w_scale, x_scale, x_zp,
+                                  w_float, w_deq, layer.bias))
+    for n in new_nodes:
+        graph.append(n)
+    common.TopologicalSortPass()(model)
+    common.RemoveUnusedNodesPass()(model)
+    return model, qlayers
+
+
+def quantize_biases(model: ir.Model, qlayers: list[QuantLayer]) -> int:
+    """Conv/Gemm float biases -> int32 behind DequantizeLinear; returns how many."""
+    graph = model.graph
+    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
+    count = 0
+    for ql in qlayers:
+        if ql.bias_name is None or ql.op_type not in ("Conv", "Gemm"):
+            continue
+        node = ql.node
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias_value is None or bias_value.const_value is None:
+            continue
+        b = bias_value.const_value.numpy().astype(np.float64)
+        scale = (np.float64(ql.input_scale) * np.asarray(ql.weight_scale, np.float64)).astype(np.float32)
+        scale = np.broadcast_to(scale, b.shape).astype(np.float32) if ql.axis is not None else scale
+        q = np.rint(b / scale.astype(np.float64))
+        if np.any(np.abs(q) > 2**31 - 1):
+            continue  # would overflow int32: keep the float bias
+        bq = _initializer(graph, _unique(graph, f"{bias_value.name}_quantized", taken), q.astype(np.int32))
+        bs = _initializer(graph, _unique(graph, f"{bias_value.name}_scale", taken), scale)
+        bz = _initializer(graph, _unique(graph, f"{bias_value.name}_zero_point", taken), np.zeros(scale.shape, np.int32))
+        attrs = {"axis": 0} if scale.ndim == 1 else {}
+        dq = ir.node("DequantizeLinear", [bq, bs, bz], attributes=attrs,
+                     name=_unique(graph, f"{bias_value.name}_DequantizeLinear", taken))
+        dq.outputs[0].name = _unique(graph, f"{bias_value.name}_dequantized", taken)
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(node, dq)
+        node.replace_input_with(2, dq.outputs[0])
+        count += 1
+    common.RemoveUnusedNodesPass()(model)
+    return count
