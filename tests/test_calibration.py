@@ -548,9 +548,9 @@ def test_grouping_gives_identical_stats(monkeypatch, cls_model, cls_feeds, cls_a
     sessions = []
     real = collect_mod._augmented
 
-    def counting(model, group_names):
-        sessions.append(len(group_names))
-        return real(model, group_names)
+    def counting(model, group_names, reduced=()):
+        sessions.append(len(group_names) + len(reduced))
+        return real(model, group_names, reduced)
 
     monkeypatch.setattr(collect_mod, "_augmented", counting)
     one = collect_stats(cls_model, data, names, method="percentile", progress=False)
@@ -611,17 +611,26 @@ def test_original_model_untouched(cls_model, cls_feeds, cls_all_tensors):
 
 
 def test_minilm_attention_mask_is_flagged_not_fatal():
-    """The issue's crash: ORT's Percentile/Entropy fail with 'range not finite' on MiniLM."""
+    """The issue's crash: ORT's Percentile/Entropy fail with 'range not finite' on MiniLM.
+
+    Two independent paths must agree: percentile fetches every tensor's values; minmax
+    reduces inside ORT and switches a tensor whose min/max/sum come back non-finite or
+    huge to fetching its values, from the batch where that happened."""
     path = _real(rm.minilm_model)
     model = load_model(path)
     feeds = _real(rm.encode_sentences, _real(rm.sentences, "calib", 4), seq_len=32)
     batches = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(4)]
     names = [v.name for n in model.graph if n.op_type in ("Add", "Where", "Softmax", "MatMul") for v in n.outputs]
     data = load_calibration_data(batches, model)
-    stats = collect_stats(model, data, names, method="percentile", progress=False)
-    flagged = [s for s in stats.values() if not s.finite or s.saturated]
+    pct = collect_stats(model, data, names, method="percentile", progress=False)
+    mm = collect_stats(model, data, names, method="minmax", progress=False)
+    flagged = [s for s in pct.values() if not s.finite or s.saturated]
     assert flagged, "the additive attention mask should be seen as non-finite or saturating"
-    for st in stats.values():
-        assert np.isfinite(st.min) and np.isfinite(st.max)
+    for name in names:
+        a, b = pct[name], mm[name]
+        assert np.isfinite(a.min) and np.isfinite(a.max) and np.isfinite(b.min) and np.isfinite(b.max)
+        assert (a.observed_min, a.observed_max, a.count, a.finite, a.saturated) == (
+            b.observed_min, b.observed_max, b.count, b.finite, b.saturated), name
+        assert (b.min, b.max) == a.observer.core_range(), name
     for st in flagged:
         assert st.observed_min < -1e6 and st.min > -1e6

@@ -41,6 +41,11 @@ from onnxopt.errors import OnnxoptError
 DEFAULT_GROUP_BYTES = 512 * 1024 * 1024
 DEFAULT_THREADS = 2
 _UNKNOWN_TENSOR_BYTES = 16 * 1024 * 1024
+# Min-max of these types is reduced inside ORT (ReduceMin/ReduceMax/Size, plus ReduceSum on
+# floats as a NaN/Inf detector: a sum is non-finite iff some element is, or it overflowed).
+# float16 is left out: its sums overflow at 65504 and would send every batch to the fallback.
+_REDUCIBLE = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT32, ir.DataType.INT64)
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE)
 
 
 @dataclasses.dataclass
@@ -125,6 +130,8 @@ class _Tracked:
     absmax: _ChannelAbsMax | None = None
     mean: _ChannelMean | None = None
     est_bytes: int = 0
+    dtype: ir.DataType | None = None
+    reduce: bool = False  # min/max/size (/sum) computed inside ORT; only scalars come back
 
     def update(self, x: np.ndarray) -> None:
         self.observer.update(x)
@@ -175,10 +182,15 @@ def collect_stats(
 
     inputs = [t for t in tracked.values() if t.kind == "input"]
     outputs = sorted((t for t in tracked.values() if t.kind == "output"), key=lambda t: t.position)
+    full = [t for t in outputs if not t.reduce]
+    reduced = [t for t in outputs if t.reduce]
     n_samples = data.length_hint()
-    if outputs:
-        _estimate_bytes(model, data.first(), outputs)
-    groups = _pack(outputs, budget)
+    if full:
+        _estimate_bytes(model, data.first(), full)
+    # Reduced tensors return scalars, so they ride along with the first group.
+    groups = _pack(full, budget)
+    if reduced:
+        groups = [groups[0] + reduced, *groups[1:]] if groups else [reduced]
     if not groups and inputs:
         groups = [[]]
 
@@ -232,10 +244,12 @@ def _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs,
             position[v.name] = ("input", -1)
     for name in graph.initializers:
         position.setdefault(name, ("initializer", -1))
+    dtypes: dict[str, ir.DataType | None] = {}
     for i, node in enumerate(graph):
         for v in node.outputs:
             if v.name:
                 position[v.name] = ("output", i)
+                dtypes[v.name] = v.dtype
     tracked: dict[str, _Tracked] = {}
     for name in names:
         if name not in position:
@@ -244,7 +258,7 @@ def _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs,
             raise OnnxoptError(f"calibration: the model has no tensor named {name!r}{where}")
         kind, pos = position[name]
         obs = make_observer(method, percentile=percentile, num_bins=num_bins, symmetric=symmetric, outlier_abs=outlier_abs)
-        tracked[name] = _Tracked(
+        t = _Tracked(
             name,
             kind,
             pos,
@@ -252,6 +266,11 @@ def _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs,
             _ChannelAbsMax() if name in absmax_set else None,
             _ChannelMean() if name in mean_set else None,
         )
+        t.dtype = dtypes.get(name)
+        t.reduce = (
+            kind == "output" and method == "minmax" and t.absmax is None and t.mean is None and t.dtype in _REDUCIBLE
+        )
+        tracked[name] = t
     return tracked
 
 
@@ -316,50 +335,115 @@ def _pack(outputs: list[_Tracked], budget: int) -> list[list[_Tracked]]:
     return groups
 
 
-def _augmented(model: ir.Model, names: list[str]) -> ir.Model:
+_SUFFIXES = ("__calib_min", "__calib_max", "__calib_size", "__calib_sum")
+
+
+def _augmented(model: ir.Model, names: list[str], reduced: Sequence[str] = ()) -> ir.Model:
+    """A clone with ``names`` as extra outputs and, for each of ``reduced``, scalar outputs
+    ``<name>__calib_min/max/size`` (and ``__calib_sum`` for floats) from reduction nodes
+    placed right after the producer, so ORT can free the tensor as early as before."""
     clone = model.clone()
     existing = {v.name for v in clone.graph.outputs}
     wanted = set(names) - existing
+    to_reduce = set(reduced)
+    found: dict[str, tuple[ir.Node, ir.Value]] = {}
     for node in clone.graph:
         for v in node.outputs:
             if v.name in wanted:
                 clone.graph.outputs.append(v)
                 wanted.discard(v.name)
+            if v.name in to_reduce:
+                found[v.name] = (node, v)
     assert not wanted, wanted
+    for name in reduced:
+        node, v = found[name]
+        ops = [("ReduceMin", {"keepdims": 0}), ("ReduceMax", {"keepdims": 0}), ("Size", None)]
+        if v.dtype in _FLOATS:
+            ops.append(("ReduceSum", {"keepdims": 0}))
+        new_nodes = []
+        for (op, attrs), suffix in zip(ops, _SUFFIXES):
+            n = ir.node(op, [v], attrs, name=f"{name}{suffix}")
+            out = n.outputs[0]
+            out.name = f"{name}{suffix}"
+            out.dtype = ir.DataType.INT64 if op == "Size" else v.dtype
+            out.shape = ir.Shape([])
+            new_nodes.append(n)
+            clone.graph.outputs.append(out)
+        clone.graph.insert_after(node, new_nodes)
     return clone
+
+
+def _reduced_names(t: _Tracked) -> list[str]:
+    k = 4 if t.dtype in _FLOATS else 3
+    return [f"{t.name}{s}" for s in _SUFFIXES[:k]]
 
 
 def _run_group(model, data, group, inputs, threads, advance, gi, ngroups) -> None:
     from onnxopt.verify import make_session
 
-    sess = None
-    names = [t.name for t in group]
-    if group:
+    full = [t for t in group if not t.reduce]
+    reduced = [t for t in group if t.reduce]
+    state: dict = {"sess": None, "names": []}
+
+    def build() -> None:
+        if state["sess"] is not None:
+            state["sess"].close()
+        state["names"] = [t.name for t in full] + [n for t in reduced for n in _reduced_names(t)]
         try:
             # Graph optimizations off (as in ORT's own calibrator): fusions depend on which
             # tensors are outputs, so with them on a tensor's values would depend on the
             # grouping (seen: 1.5e-6 relative on the cls model); off, every tensor is the
             # plain per-op result of the graph that will be quantized. Measured on PP-OCR
             # det at 640x640 with 117 extra outputs: no slower than ORT_ENABLE_ALL.
-            sess = make_session(_augmented(model, names), threads=threads or DEFAULT_THREADS, optimize=False)
+            state["sess"] = make_session(
+                _augmented(model, [t.name for t in full], [t.name for t in reduced]),
+                threads=threads or DEFAULT_THREADS,
+                optimize=False,
+            )
         except Exception as e:  # noqa: BLE001 - ORT's errors are one of several types
             raise OnnxoptError(f"calibration: ONNX Runtime cannot load the model: {_first_line(e)}") from None
+
+    def run(feed, names, i):
+        try:
+            return dict(zip(names, state["sess"].session.run(names, feed)))
+        except Exception as e:  # noqa: BLE001
+            raise OnnxoptError(f"calibration: ONNX Runtime fails on feed {i}: {_first_line(e)}") from None
+
+    if group:
+        build()
     try:
         for i, feed in enumerate(data):
             for t in inputs:
                 t.update(feed[t.name])
-            if sess is not None:
-                try:
-                    results = sess.session.run(names, feed)
-                except Exception as e:  # noqa: BLE001
-                    raise OnnxoptError(f"calibration: ONNX Runtime fails on feed {i}: {_first_line(e)}") from None
-                for t, arr in zip(group, results):
-                    t.update(arr)
+            if group:
+                results = run(feed, state["names"], i)
+                for t in full:
+                    t.update(results[t.name])
+                moved = []
+                for t in reduced:
+                    vals = [results[n] for n in _reduced_names(t)]
+                    lo, hi, size = float(vals[0]), float(vals[1]), int(vals[2])
+                    clean = all(math.isfinite(float(v)) for v in vals[3:])  # the sum: NaN/Inf detector
+                    lim = t.observer.outlier_abs
+                    if clean and -lim <= lo <= hi <= lim:
+                        t.observer.update_extremes(lo, hi, size)
+                    else:
+                        moved.append(t)  # masks / NaN: from now on fetch its values
                 del results  # drop the batch before the next one is computed
+                if moved:
+                    for t in moved:
+                        t.reduce = False
+                    full.extend(moved)
+                    reduced[:] = [t for t in reduced if t.reduce]
+                    build()
+                    again = run(feed, [t.name for t in moved], i)
+                    for t in moved:
+                        t.update(again[t.name])
+                    del again
             advance(gi, ngroups)
     finally:
-        if sess is not None:
-            sess.close()
+        if state["sess"] is not None:
+            state["sess"].close()
 
 
 @contextlib.contextmanager

@@ -148,6 +148,19 @@ class Observer:
         if core.size:
             self._core(core, float(core.min()), float(core.max()))
 
+    def update_extremes(self, lo: float, hi: float, count: int) -> None:
+        """Observe a batch known only by its min, max and size (reductions run inside ONNX
+        Runtime). Only for min-max observers, and only when the caller knows the batch
+        holds no NaN/Inf; extremes beyond ``outlier_abs`` need the values (``update``)."""
+        if type(self)._core is not Observer._core:
+            raise TypeError(f"{type(self).__name__} needs the values; use update()")
+        if not (-self.outlier_abs <= lo <= hi <= self.outlier_abs):
+            raise ValueError("update_extremes needs finite extremes within outlier_abs; use update()")
+        self.count += int(count)
+        self.observed_min = min(self.observed_min, float(lo))
+        self.observed_max = max(self.observed_max, float(hi))
+        Observer._core(self, None, float(lo), float(hi))  # type: ignore[arg-type]
+
     def _core(self, x: np.ndarray, lo: float, hi: float) -> None:
         """Finite values within the outlier bound, with their min/max already known."""
         self.core_min = min(self.core_min, lo)
