@@ -106,7 +106,7 @@ def _if_model() -> onnx.ModelProto:
             [helper.make_node("Constant", [], [f"{name}_k"], value=c),
              helper.make_node(op, ["x", f"{name}_k"], [f"{name}_r"]),
              helper.make_node("Identity", [f"{name}_r"], [f"{name}_out"])],
-            name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["n", 3])],
         )
 
     nodes = [
@@ -117,7 +117,7 @@ def _if_model() -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "if_graph",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
         [numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -438,17 +438,118 @@ def _m_graph_output(m, rng):
     return f"intermediate {node.output[0]} as graph output"
 
 
+def _float_values(m) -> list[str]:
+    """Names of float tensors produced by main-graph nodes that are not graph outputs."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+    except Exception:
+        return []
+    outs = {o.name for o in m.graph.output}
+    return [
+        vi.name for vi in inferred.graph.value_info
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT and vi.name not in outs
+    ]
+
+
+def _rewire(m, old: str, new: str, share: float = 1.0, rng=None) -> None:
+    for node in m.graph.node:
+        if new in node.output:  # the node that makes `new` keeps reading `old`
+            continue
+        for i, name in enumerate(node.input):
+            if name == old and (share >= 1.0 or rng.random() < share):
+                node.input[i] = new
+
+
+def _m_insert_noop(m, rng):
+    """Valid: x -> (Identity | Add 0 | Mul 1 | Dropout | Cast float | Sub 0 | Div 1) -> consumers."""
+    names = _float_values(m)
+    if not names:
+        return None
+    name = rng.choice(names)
+    new = f"{name}_fuzz_noop{rng.randrange(10**6)}"
+    kind = rng.choice(["Identity", "Add", "Mul", "Dropout", "Cast", "Sub", "Div"])
+    idx = next((i for i, n in enumerate(m.graph.node) if name in n.output), None)
+    if idx is None:
+        return None
+    if kind in ("Add", "Sub", "Mul", "Div"):
+        c = f"{new}_c"
+        value = 0.0 if kind in ("Add", "Sub") else 1.0
+        m.graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), c))
+        node = helper.make_node(kind, [name, c], [new])
+    elif kind == "Cast":
+        node = helper.make_node("Cast", [name], [new], to=TensorProto.FLOAT)
+    else:
+        node = helper.make_node(kind, [name], [new])
+    m.graph.node.insert(idx + 1, node)
+    _rewire(m, name, new)
+    return f"insert no-op {kind} after {name}"
+
+
+def _m_duplicate_subexpression(m, rng):
+    """Valid: a copy of a node with new output names feeds some of the original's consumers."""
+    cands = [i for i, n in enumerate(m.graph.node) if len(n.output) == 1 and n.op_type not in ("If", "Loop", "Scan")]
+    if not cands:
+        return None
+    i = rng.choice(cands)
+    node = m.graph.node[i]
+    if node.output[0] in {o.name for o in m.graph.output}:
+        return None
+    dup = copy.deepcopy(node)
+    dup.name = (node.name or node.op_type) + "_fuzz_dup"
+    dup.output[0] = node.output[0] + "_fuzz_dup"
+    m.graph.node.insert(i + 1, dup)
+    _rewire(m, node.output[0], dup.output[0], share=0.5, rng=rng)
+    return f"duplicate subexpression {node.op_type}"
+
+
+def _m_make_dynamic(m, rng):
+    """Valid: a fixed input dimension becomes symbolic."""
+    # Only the batch dimension: generated inputs then keep the shape the weights need.
+    dims = [(vi, vi.type.tensor_type.shape.dim[0]) for vi in m.graph.input
+            if vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")
+            and vi.type.tensor_type.shape.dim[0].dim_value == 1]
+    if not dims:
+        return None
+    vi, d = rng.choice(dims)
+    d.dim_param = f"fuzz_{vi.name}_{rng.randrange(100)}"
+    return f"make a dim of {vi.name} dynamic"
+
+
+def _m_initializer_to_constant(m, rng):
+    """Valid: an initializer becomes a Constant node (as older exporters write weights)."""
+    if not m.graph.initializer:
+        return None
+    inputs = {i.name for i in m.graph.input}
+    cands = [t for t in m.graph.initializer if t.name not in inputs]
+    if not cands:
+        return None
+    t = rng.choice(cands)
+    m.graph.initializer.remove(t)
+    m.graph.node.insert(0, helper.make_node("Constant", [], [t.name], value=t))
+    return f"initializer {t.name} as Constant"
+
+
 PROTO_MUTATIONS = [
     _m_drop_input, _m_empty_input, _m_rename_value, _m_rename_graph_input, _m_change_attribute, _m_change_dtype,
     _m_remove_initializer, _m_add_cycle, _m_delete_node, _m_duplicate_node, _m_change_op, _m_change_dim,
     _m_change_rank, _m_change_opset, _m_ir_version, _m_swap_nodes, _m_initializer_data, _m_wrong_value_info,
     _m_graph_output,
 ]
+# Mutations that keep the model valid: they exercise the passes on unusual graphs.
+VALID_MUTATIONS = [_m_insert_noop, _m_duplicate_subexpression, _m_make_dynamic, _m_initializer_to_constant]
 
 
 def mutate(data: bytes, rng: random.Random) -> tuple[bytes, str]:
-    """One mutated model: 30% byte-level, 70% one to three proto-level mutations."""
-    if rng.random() < 0.3:
+    """One mutated model: 25% byte-level, 35% valid-preserving, 40% one to three proto-level mutations."""
+    roll = rng.random()
+    if roll < 0.35:
+        m = onnx.ModelProto()
+        m.ParseFromString(data)
+        done = [w for w in (rng.choice(VALID_MUTATIONS)(m, rng) for _ in range(rng.randint(1, 4))) if w]
+        if rng.random() < 0.3:  # and sometimes one breaking change on top
+            done.append(rng.choice(PROTO_MUTATIONS)(m, rng) or "")
+        return m.SerializeToString(), "; ".join(d for d in done if d) or "no-op"
+    if roll < 0.6:
         fn = rng.choice(BYTE_MUTATIONS)
         return fn(data, rng)
     m = onnx.ModelProto()
