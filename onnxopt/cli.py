@@ -319,6 +319,50 @@ def bench(models, eps, threads, warmup, runs, duration, shapes, inputs, batch_si
         report.plot(plot_path)
 
 
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the int8 QDQ model.")
+@click.option("--calib", required=True, metavar="DATA",
+              help="Calibration data: a folder of .npz (one sample each) or images, one .npz with a sample axis, or 'random' (smoke test).")
+@click.option("--method", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+              help="How activation ranges are chosen.")
+@click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "tensorrt", "generic"]),
+              help="cpu: uint8 asymmetric activations + int8 per-channel weights; tensorrt: int8 symmetric both.")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel (needs opset 13: upgraded if older).")
+@click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep this node (name) or op type in float (repeatable).")
+@click.option("--samples", type=int, help="Use only the first N calibration samples.")
+@click.option("--max-drop", type=float, metavar="X",
+              help="Accuracy budget: 1 - cosine of the outputs on held-out calibration samples; noisiest layers go back to float until it holds.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (per-layer SQNR, fallback, fused kernels) as JSON.")
+@click.option("--smoothquant", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]), help="SmoothQuant for MatMul inputs.")
+@click.option("--image-size", metavar="HxW", help="Image calibration: resize to HxW (e.g. 640x640), [-1,1] normalised RGB NCHW; see --image-spec.")
+@click.option("--image-spec", metavar="SPEC", help="Image preprocessing, e.g. '640x640,mean=0.5,std=0.5,bgr,nchw'.")
+@shape_option
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+def quantize(model, output, calib, method, target, per_channel, exclude, samples, max_drop, report_path, smoothquant,
+             image_size, image_spec, shapes, quiet) -> None:
+    """Static int8 quantization (QDQ) with streaming calibration and an accuracy check."""
+    from onnxopt.inputs import parse_shape_specs
+    from onnxopt.quantization import quantize_file
+
+    if image_size and image_spec:
+        raise OnnxoptError("give either --image-size or --image-spec, not both")
+    spec = image_spec or (f"{image_size},mean=0.5,std=0.5" if image_size else None)
+    result = quantize_file(
+        model, output, calib=calib, method=method, target=target, per_channel=per_channel, exclude=exclude,
+        samples=samples, max_drop=max_drop, report=report_path, smoothquant=smoothquant, image_spec=spec,
+        shapes=parse_shape_specs(shapes) or None, progress=not quiet,
+    )
+    rep = result.report
+    kernels = ", ".join(f"{k} x{v}" for k, v in rep["ort_fused_kernels"].items()) or "none"
+    out.print(f"{output}: {rep['quantized_layers']} layers int8, {rep['float_layers']} float ({rep['scheme']})")
+    out.print(f"ONNX Runtime kernels: {kernels}")
+    if "fallback" in rep:
+        fb = rep["fallback"]
+        out.print(f"output drop (1 - cosine, held-out calibration samples): {fb['before']:.4f} -> {fb['after']:.4f}"
+                  + (f", {len(fb['to_float'])} layer(s) back to float" if fb["to_float"] else ""))
+
+
 def _write_json(path: str, data) -> None:
     from onnxopt.atomic import write_text_atomic
 
