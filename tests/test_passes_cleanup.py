@@ -452,3 +452,35 @@ def test_fold_if_nested_ifs_from_the_outside_in():
     assert _ops(after) == {"Identity": 1}
     assert after.graph.outputs[0].name == "y"
     _same_outputs(model, after, _feeds(model, x=(3, 2)))
+
+
+def test_fold_inside_a_model_local_function():
+    # f(x) = Cast(x, float) * (Constant(2) + Constant(3)); the function keeps Constant nodes.
+    fn = helper.make_function(
+        "local",
+        "Scale",
+        ["x"],
+        ["y"],
+        [
+            helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+            helper.make_node("Constant", [], ["three"], value=numpy_helper.from_array(np.array(3.0, np.float32))),
+            helper.make_node("Add", ["two", "three"], ["five"]),
+            helper.make_node("Mul", ["x", "five"], ["y"]),
+        ],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Scale", ["x"], ["y"], domain="local")],
+        "g",
+        [helper.make_tensor_value_info("x", F, ["N"])],
+        [helper.make_tensor_value_info("y", F, ["N"])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[fn])
+    proto.ir_version = 8
+    model = ir.serde.deserialize_model(proto)
+    after, n = _run(fold_constants, model)
+    assert n == 1
+    func = next(iter(after.functions.values()))
+    assert [node.op_type for node in func] == ["Constant", "Mul"]
+    assert list(func)[0].attributes["value"].value.numpy() == 5.0
+    _same_outputs(model, after, _feeds(model, x=(4,)))

@@ -120,13 +120,56 @@ def _collect_types(graph: onnx.GraphProto, into: dict[str, onnx.TypeProto], cont
                     _collect_types(g, into, control_flow)
 
 
+_CACHE_KEY = "onnxopt.inferred_shapes"
+
+
+def _fingerprint(graphs) -> tuple[tuple, list]:
+    """What inference depends on: the nodes, their wiring, attributes and constant inputs.
+
+    Objects are identified by ``id``; the returned keep-alive list holds them so that
+    no id can be reused by a new object while the cache entry exists.
+    """
+    parts: list = []
+    alive: list = []
+    for graph in graphs:
+        parts.append(id(graph))
+        for value in graph.inputs:
+            parts.append((id(value), value.dtype, str(value.shape)))
+        for node in graph:
+            attrs = tuple(node.attributes.values())
+            consts = tuple(v.const_value if v is not None else None for v in node.inputs)
+            alive.append((node, attrs, consts))
+            parts.append(
+                (
+                    id(node),
+                    tuple(id(v) if v is not None else 0 for v in node.inputs),
+                    tuple(id(a) for a in attrs),
+                    tuple(id(c) if c is not None else 0 for c in consts),
+                )
+            )
+    return tuple(parts), alive
+
+
 def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
     """Run shape inference and write the results onto the model's values (in place).
 
     Returns the inferred shape of every value inference knew something about,
     graph outputs included (whose declared shapes are left as they are).
     Functions are not inferred (their values keep what they had).
+    The result is cached on the model and reused while no node, wiring, attribute
+    or constant input has changed (passes that find nothing to do cost nothing).
     """
+    graphs = [model.graph, *model.graph.subgraphs()]
+    fingerprint, alive = _fingerprint(graphs)
+    cached = model.meta.get(_CACHE_KEY)
+    if cached is not None and cached[0] == fingerprint:
+        return dict(cached[1])
+    result = _infer(model, graphs)
+    model.meta[_CACHE_KEY] = (fingerprint, result, alive)
+    return dict(result)
+
+
+def _infer(model: ir.Model, graphs: list[ir.Graph]) -> dict[ir.Value, ir.Shape]:
     try:
         proto = _serialize_without_big_tensors(model)
         _strip_value_info(proto.graph)
@@ -134,7 +177,6 @@ def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
     except Exception as e:  # inference is an optimisation aid; without it passes just do less
         logger.debug("shape inference failed: %s", e)
         return {}
-    graphs = [model.graph, *model.graph.subgraphs()]
     # Op types that carry subgraphs, so the proto walk only looks inside those nodes.
     control_flow = frozenset(
         node.op_type
