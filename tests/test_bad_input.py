@@ -99,7 +99,7 @@ def _commands_for(name: str, model: pathlib.Path, good: pathlib.Path, out: pathl
     if "bench" in cli.commands:
         cmds.append(("bench", _bench_argv(model), None))
     if "quantize" in cli.commands:
-        cmds.append(("quantize", ["quantize", model, "-o", out, "--calibration", "random"], out))
+        cmds.append(("quantize", ["quantize", model, "-o", out, "--calib", "random", "--quiet"], out))
     return cmds
 
 
@@ -275,3 +275,52 @@ def test_builders_cover_the_brief():
     }
     assert expected <= set(BAD_MODELS)
     assert callable(bad_models.small_graph)
+
+
+@pytest.mark.skipif("quantize" not in cli.commands, reason="no quantize command")
+def test_quantize_calibration_data_that_does_not_match(dirs, good_model, capsys):
+    src, dst = dirs
+    out = dst / "q.onnx"
+    junk = src / "junkdir"
+    junk.mkdir()
+    (junk / "a.npz").write_bytes(b"junk")
+    empty = src / "emptydir"
+    empty.mkdir()
+    mixed = src / "mixed"
+    mixed.mkdir()
+    np.savez(mixed / "s1.npz", x=np.zeros((1, 4), np.float32))
+    np.savez(mixed / "s2.npz", y=np.zeros((1, 4), np.float32))
+    images = src / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    cases = [
+        (["--calib", _npz(src, "name.npz", q=np.zeros((2, 4), np.float32))], ("'q'",)),
+        (["--calib", _npz(src, "dtype.npz", x=np.zeros((2, 4), np.float64))], ("float64",)),
+        (["--calib", _npz(src, "dim.npz", x=np.zeros((2, 5), np.float32))], ("(1, 5)", "(2, 5)")),
+        (["--calib", junk], ("npz",)),
+        (["--calib", empty], ("empty",)),
+        (["--calib", mixed], ("'y'",)),
+        (["--calib", images, "--image-size", "64x64"], ("rank",)),
+        (["--calib", src / "nothere"], ("no such",)),
+        (["--calib", "random", "--samples", "0"], ("samples",)),
+        (["--calib", "random", "--shape", "x:0x4"], ("empty",)),
+        (["--calib", "random", "--exclude", "NoSuchNode"], ("nosuchnode",)),
+        (["--calib", "random", "--max-drop", "5"], ("max-drop",)),
+        (["--calib", "random", "--image-size", "axb"], ("axb",)),
+    ]
+    before = _snapshot(src)
+    for extra, mentions in cases:
+        rc, _, err = run_cli(["quantize", good_model, "-o", out, "--quiet", *extra], capsys)
+        assert_clean_failure(rc, err, mentions=mentions, out_dir=dst, output=out)
+    assert _snapshot(src) == before
+
+
+@pytest.mark.skipif("quantize" not in cli.commands, reason="no quantize command")
+def test_quantize_refuses_a_quantized_model(dirs, good_model, capsys):
+    src, dst = dirs
+    q = dst / "q.onnx"
+    rc, _, err = run_cli(["quantize", good_model, "-o", q, "--quiet", "--calib", "random"], capsys)
+    assert rc == 0, err
+    onnx.checker.check_model(onnx.load(q))
+    rc, _, err = run_cli(["quantize", q, "-o", dst / "qq.onnx", "--quiet", "--calib", "random"], capsys)
+    assert_clean_failure(rc, err, mentions=("already quantized",), out_dir=dst, output=dst / "qq.onnx")
