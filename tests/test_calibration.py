@@ -527,9 +527,19 @@ def test_every_sample_is_validated_as_it_streams(cls_model, cls_feeds):
 # ---------------------------------------------------------------------------------------
 
 
-def test_collect_minmax_equals_brute_force(cls_model, cls_feeds, cls_all_tensors, brute_force):
+def test_collect_minmax_equals_brute_force(monkeypatch, cls_model, cls_feeds, cls_all_tensors, brute_force):
     data = load_calibration_data(cls_feeds, cls_model)
+    seen = {}
+    real = collect_mod._augmented
+
+    def spy(model, names, reduced=None):
+        seen["full"], seen["reduced"] = list(names), dict(reduced or {})
+        return real(model, names, reduced)
+
+    monkeypatch.setattr(collect_mod, "_augmented", spy)
     stats = collect_stats(cls_model, data, ["x", *cls_all_tensors], progress=False)
+    # min-max runs as reductions inside ORT (the model has no value_info: types were inferred)
+    assert len(seen["reduced"]) == len(cls_all_tensors) and not seen["full"]
     assert list(stats) == ["x", *cls_all_tensors]
     for name in cls_all_tensors:
         arrs = brute_force[name]

@@ -133,6 +133,15 @@ class _Tracked:
     dtype: ir.DataType | None = None
     reduce: bool = False  # min/max/size (/sum) computed inside ORT; only scalars come back
 
+    def reduce_ok(self, method: str) -> bool:
+        return (
+            self.kind == "output"
+            and method == "minmax"
+            and self.absmax is None
+            and self.mean is None
+            and self.dtype in _REDUCIBLE
+        )
+
     def update(self, x: np.ndarray) -> None:
         self.observer.update(x)
         if self.absmax is not None:
@@ -174,6 +183,16 @@ def collect_stats(
         return {}
     absmax_set, mean_set = set(channel_absmax_for), set(mean_for)
     tracked = _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs, absmax_set, mean_set)
+    inferred: dict[str, ir.Value] = {}
+    if any(t.kind == "output" for t in tracked.values()):
+        # Exported models often carry no value_info: types (which tensors can be reduced
+        # inside ORT) and sizes (grouping) come from inference at the first feed's shapes.
+        inferred = _infer_values(model, data.first())
+        for t in tracked.values():
+            v = inferred.get(t.name)
+            if t.dtype is None and v is not None and v.dtype is not None:
+                t.dtype = v.dtype
+            t.reduce = t.reduce_ok(method)
 
     for t in tracked.values():
         if t.kind == "initializer":
@@ -186,7 +205,7 @@ def collect_stats(
     reduced = [t for t in outputs if t.reduce]
     n_samples = data.length_hint()
     if full:
-        _estimate_bytes(model, data.first(), full)
+        _estimate_bytes(inferred, full)
     # Reduced tensors return scalars, so they ride along with the first group.
     groups = _pack(full, budget)
     if reduced:
@@ -267,9 +286,6 @@ def _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs,
             _ChannelMean() if name in mean_set else None,
         )
         t.dtype = dtypes.get(name)
-        t.reduce = (
-            kind == "output" and method == "minmax" and t.absmax is None and t.mean is None and t.dtype in _REDUCIBLE
-        )
         tracked[name] = t
     return tracked
 
@@ -282,22 +298,23 @@ def _in_subgraph(model: ir.Model, name: str) -> bool:
     return False
 
 
-def _estimate_bytes(model: ir.Model, feed: Mapping[str, np.ndarray], outputs: list[_Tracked]) -> None:
-    """Bytes per batch of each output, from shape inference at the first feed's shapes."""
+def _infer_values(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, ir.Value]:
+    """Node outputs of a clone after shape/type inference at the feed's concrete shapes."""
     from onnx_ir.passes.common import ShapeInferencePass
 
     clone = model.clone()
     for v in clone.graph.inputs:
         if v.name in feed:
-            v.shape = ir.Shape(list(feed[v.name].shape))
+            v.shape = ir.Shape(list(np.shape(feed[v.name])))
     try:
         ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
     except Exception:  # noqa: BLE001 - estimates only; fall back to declared shapes
         pass
-    values = {}
-    for node in clone.graph:
-        for v in node.outputs:
-            values[v.name] = v
+    return {v.name: v for node in clone.graph for v in node.outputs if v.name}
+
+
+def _estimate_bytes(values: Mapping[str, ir.Value], outputs: list[_Tracked]) -> None:
+    """Bytes per batch of each output (unknown: as large as the largest known one)."""
     known = []
     for t in outputs:
         v = values.get(t.name)
@@ -338,13 +355,14 @@ def _pack(outputs: list[_Tracked], budget: int) -> list[list[_Tracked]]:
 _SUFFIXES = ("__calib_min", "__calib_max", "__calib_size", "__calib_sum")
 
 
-def _augmented(model: ir.Model, names: list[str], reduced: Sequence[str] = ()) -> ir.Model:
+def _augmented(model: ir.Model, names: list[str], reduced: Mapping[str, ir.DataType] | None = None) -> ir.Model:
     """A clone with ``names`` as extra outputs and, for each of ``reduced``, scalar outputs
     ``<name>__calib_min/max/size`` (and ``__calib_sum`` for floats) from reduction nodes
     placed right after the producer, so ORT can free the tensor as early as before."""
     clone = model.clone()
     existing = {v.name for v in clone.graph.outputs}
     wanted = set(names) - existing
+    reduced = dict(reduced or {})  # name -> dtype (from inference: exports often carry none)
     to_reduce = set(reduced)
     found: dict[str, tuple[ir.Node, ir.Value]] = {}
     for node in clone.graph:
@@ -355,17 +373,17 @@ def _augmented(model: ir.Model, names: list[str], reduced: Sequence[str] = ()) -
             if v.name in to_reduce:
                 found[v.name] = (node, v)
     assert not wanted, wanted
-    for name in reduced:
+    for name, dtype in reduced.items():
         node, v = found[name]
         ops = [("ReduceMin", {"keepdims": 0}), ("ReduceMax", {"keepdims": 0}), ("Size", None)]
-        if v.dtype in _FLOATS:
+        if dtype in _FLOATS:
             ops.append(("ReduceSum", {"keepdims": 0}))
         new_nodes = []
         for (op, attrs), suffix in zip(ops, _SUFFIXES):
             n = ir.node(op, [v], attrs, name=f"{name}{suffix}")
             out = n.outputs[0]
             out.name = f"{name}{suffix}"
-            out.dtype = ir.DataType.INT64 if op == "Size" else v.dtype
+            out.dtype = ir.DataType.INT64 if op == "Size" else dtype
             out.shape = ir.Shape([])
             new_nodes.append(n)
             clone.graph.outputs.append(out)
@@ -396,7 +414,7 @@ def _run_group(model, data, group, inputs, threads, advance, gi, ngroups) -> Non
             # plain per-op result of the graph that will be quantized. Measured on PP-OCR
             # det at 640x640 with 117 extra outputs: no slower than ORT_ENABLE_ALL.
             state["sess"] = make_session(
-                _augmented(model, [t.name for t in full], [t.name for t in reduced]),
+                _augmented(model, [t.name for t in full], {t.name: t.dtype for t in reduced}),
                 threads=threads or DEFAULT_THREADS,
                 optimize=False,
             )
