@@ -544,8 +544,10 @@ def test_collect_minmax_equals_brute_force(monkeypatch, cls_model, cls_feeds, cl
     for name in cls_all_tensors:
         arrs = brute_force[name]
         st = stats[name]
-        # both sides run the graph as written (no ORT fusions), so the ranges are bit-exact
-        assert (st.min, st.max) == (float(min(a.min() for a in arrs)), float(max(a.max() for a in arrs))), name
+        # min-max reductions run in an ORT-optimised session (NCHWc convolutions sum in
+        # another order), the brute force in the graph as written: equal to float rounding
+        want = (float(min(a.min() for a in arrs)), float(max(a.max() for a in arrs)))
+        assert (st.min, st.max) == pytest.approx(want, rel=1e-5, abs=1e-6), name
         assert st.count == sum(a.size for a in arrs)
         assert st.finite and not st.saturated
     xs = np.concatenate([f["x"] for f in cls_feeds])
@@ -639,8 +641,9 @@ def test_minilm_attention_mask_is_flagged_not_fatal():
     for name in names:
         a, b = pct[name], mm[name]
         assert np.isfinite(a.min) and np.isfinite(a.max) and np.isfinite(b.min) and np.isfinite(b.max)
-        assert (a.observed_min, a.observed_max, a.count, a.finite, a.saturated) == (
-            b.observed_min, b.observed_max, b.count, b.finite, b.saturated), name
-        assert (b.min, b.max) == a.observer.core_range(), name
+        assert (a.count, a.finite, a.saturated) == (b.count, b.finite, b.saturated), name
+        # (minmax's first session is ORT-optimised, percentile's is not: float rounding)
+        assert (b.observed_min, b.observed_max) == pytest.approx((a.observed_min, a.observed_max), rel=1e-5, abs=1e-5)
+        assert (b.min, b.max) == pytest.approx(a.observer.core_range(), rel=1e-5, abs=1e-5), name
     for st in flagged:
         assert st.observed_min < -1e6 and st.min > -1e6
