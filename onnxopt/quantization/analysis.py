@@ -64,8 +64,12 @@ def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in _FLOAT_TYPES
 
 
-def find_layers(model: ir.Model) -> tuple[list[Layer], dict[str, str]]:
-    """Quantizable layers of the main graph, and {node name: why not} for near misses."""
+def find_layers(model: ir.Model, *, absorb_activations: bool = True) -> tuple[list[Layer], dict[str, str]]:
+    """Quantizable layers of the main graph, and {node name: why not} for near misses.
+
+    ``absorb_activations``: fold a Conv's Relu/Clip(0, .) into its output quantizer; only
+    right for asymmetric (uint8) activations, whose zero point can sit at the range's 0.
+    """
     layers: list[Layer] = []
     skipped: dict[str, str] = {}
     graph_outputs = {v.name for v in model.graph.outputs}
@@ -108,7 +112,7 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], dict[str, str]]:
             out = node.outputs[0]
             consumers = list(out.consumers())
             act = consumers[0] if len(consumers) == 1 else None
-            if act is not None and _absorbable_activation(act) and out.name not in graph_outputs:
+            if absorb_activations and act is not None and _absorbable_activation(act) and out.name not in graph_outputs:
                 layer.absorbed_activation = act.name
                 layer.out_range_tensor = act.outputs[0].name
             elif out.name not in graph_outputs:
@@ -142,7 +146,8 @@ def mask_tensors(model: ir.Model) -> dict[str, str]:
     """{tensor name: reason} for additive-mask paths and Softmax inputs (kept float).
 
     Seeds: integer/bool graph inputs not used as Gather indices (token ids are; masks are
-    not). A node's outputs are mask-derived when all its non-constant inputs are. The Add
+    not). A node's outputs are mask-derived when all its inputs that are neither constant
+    nor shape arithmetic (Shape/Size and what is computed only from them) are. The Add
     that combines a mask-derived tensor with scores, and every Softmax input, are marked too.
     """
     derived: set[str] = set()
@@ -152,9 +157,16 @@ def mask_tensors(model: ir.Model) -> dict[str, str]:
         if any(n.op_type == "Gather" and i == 1 for n, i in v.uses()):
             continue
         derived.add(v.name)
+    # Shape arithmetic (Shape/Size and what is computed only from them and constants) is
+    # metadata, not data: a mask Expand-ed to the scores' shape is still only the mask.
+    shape_like: set[str] = set()
     result: dict[str, str] = {}
     for node in model.graph:  # topological order
-        live = [v for v in node.inputs if v is not None and v.const_value is None and not v.is_initializer()]
+        live = [v for v in node.inputs if v is not None and v.const_value is None and not v.is_initializer()
+                and v.name not in shape_like]
+        if node.op_type in ("Shape", "Size") or not live:  # Constant nodes too
+            shape_like.update(o.name for o in node.outputs)
+            continue
         if live and all(v.name in derived for v in live):
             for out in node.outputs:
                 derived.add(out.name)
@@ -167,13 +179,15 @@ def mask_tensors(model: ir.Model) -> dict[str, str]:
             result.setdefault(node.inputs[0].name, "Softmax input")
     # Only float tensors matter for quantization.
     values = {v.name: v for n in model.graph for v in n.outputs}
-    return {k: r for k, r in result.items() if k in values and _is_float(values[k])}
+    return {k: r for k, r in result.items() if k in values and (values[k].dtype is None or _is_float(values[k]))}
 
 
 def unusable_range(stats) -> str | None:
     """Why a calibrated range cannot be quantized, or None."""
     if not stats.finite:
         return "range not finite (NaN/Inf seen in calibration)"
+    if getattr(stats, "saturated", False):
+        return "range saturated (mask-like values beyond 1e6 seen in calibration)"
     lo, hi = float(stats.min), float(stats.max)
     if not (abs(lo) < HUGE_RANGE and abs(hi) < HUGE_RANGE):
         return f"range saturated ([{lo:.3g}, {hi:.3g}])"

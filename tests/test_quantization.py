@@ -1,0 +1,284 @@
+"""Static int8 quantization on real graphs: QDQ structure, ORT's fused kernels, accuracy, bad input.
+
+The real models (MiniLM at seq 32 with 16 calibration sentences, the PP-OCR direction
+classifier at opset 11) are quantized once per module; tests that need them skip with the
+reason when their packages are missing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.cli import main
+from onnxopt.errors import OnnxoptError
+from onnxopt.quantization import fused_kernels, quantize, quantize_file
+from onnxopt.quantization.analysis import mask_tensors
+from onnxopt.quantization.opset import ensure_opset
+from onnxopt.verify import check_model, make_session, run_model
+
+rm = pytest.importorskip("onnxopt.testing.real_models")
+
+
+def _initializer_array(model: ir.Model, value: ir.Value) -> np.ndarray | None:
+    return value.const_value.numpy() if value is not None and value.const_value is not None else None
+
+
+def _qdq_nodes(model: ir.Model, op: str) -> list[ir.Node]:
+    return [n for n in model.graph if n.op_type == op]
+
+
+# ----------------------------------------------------------------------------------------
+# MiniLM
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    try:
+        path = rm.minilm_model()
+        calib = rm.encode_sentences(rm.sentences("calib", 16), seq_len=32)
+    except rm.RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+    feeds = [{k: v[i : i + 1] for k, v in calib.items()} for i in range(16)]
+    report = tmp_path_factory.mktemp("q") / "report.json"
+    result = quantize(path, feeds, report=report, progress=False)
+    return path, result, report
+
+
+def test_minilm_qdq_structure(minilm):
+    _, result, _ = minilm
+    model = result.model
+    check_model(model)
+    weight_dqs = [n for n in _qdq_nodes(model, "DequantizeLinear") if n.inputs[0].is_initializer()]
+    assert len(weight_dqs) == 36  # Q, K, V, attention output, FFN up, FFN down in 6 layers
+    for dq in weight_dqs:
+        q = _initializer_array(model, dq.inputs[0])
+        scale = _initializer_array(model, dq.inputs[1])
+        zp = _initializer_array(model, dq.inputs[2])
+        assert q.dtype == np.int8 and q.ndim == 2
+        assert dq.attributes.get_int("axis") == 1 and scale.shape == (q.shape[1],)  # per output channel
+        assert zp.dtype == np.int8 and not zp.any()
+        assert q.min() >= -127
+    qs = _qdq_nodes(model, "QuantizeLinear")
+    assert qs and all(_initializer_array(model, q.inputs[2]).dtype == np.uint8 for q in qs)
+    # One Q per activation: Q, K and V read the same LayerNorm output through one pair.
+    assert len(qs) == 24
+    assert result.report["opset"]["how"] == "unchanged"
+
+
+def test_minilm_ort_fuses_int8_matmuls(minilm):
+    _, result, _ = minilm
+    kernels = fused_kernels(result.model)
+    assert kernels.get("MatMulIntegerToFloat") == 36
+    assert "DequantizeLinear" not in kernels  # every DQ was folded into a kernel
+    assert result.report["ort_fused_kernels"] == kernels
+
+
+def test_minilm_mask_path_and_softmax_stay_float(minilm):
+    path, result, _ = minilm
+    kept = result.report["kept_float_tensors"]
+    assert any(r == "attention-mask path" for r in kept.values())
+    assert sum(r in ("Softmax input", "masked attention scores") for r in kept.values()) >= 6
+    quantized_inputs = {q.inputs[0].name for q in _qdq_nodes(result.model, "QuantizeLinear")}
+    assert not quantized_inputs & set(kept)
+    # The analysis of the original export finds the same mask tensors.
+    assert set(mask_tensors(ir.load(str(path)))) & set(kept)
+    for q in _qdq_nodes(result.model, "QuantizeLinear"):
+        producer = q.inputs[0].producer()
+        assert producer is not None and producer.op_type not in ("Where", "Softmax")
+
+
+def test_minilm_accuracy_and_report(minilm):
+    path, result, report = minilm
+    sents = rm.sentences("eval", 8)
+    feeds = rm.encode_sentences(sents, seq_len=32)
+    ref = run_model(ir.load(str(path)), feeds)["last_hidden_state"]
+    new = run_model(result.model, feeds)["last_hidden_state"]
+    agree = rm.embedding_agreement(
+        rm.sentence_embeddings(ref, feeds["attention_mask"]), rm.sentence_embeddings(new, feeds["attention_mask"])
+    )
+    assert agree["cosine_mean"] > 0.98 and agree["cosine_min"] > 0.95
+    data = json.loads(report.read_text())
+    assert data["quantized_layers"] == 36
+    layers = [v for v in data["layers"].values() if v.get("quantized")]
+    assert all(np.isfinite(v["sqnr_db"]) and v["sqnr_db"] > 10 for v in layers)
+    assert 0 <= data["fallback"]["before"] < 0.05
+
+
+# ----------------------------------------------------------------------------------------
+# PP-OCR direction classifier: opset 11, per-channel Conv, QLinearConv
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cls_model():
+    try:
+        path = rm.ppocr_model("cls")
+        calib = [{"x": rm.cls_preprocess(img)} for _, img in rm.images("calib", 8)]
+        evals = [{"x": rm.cls_preprocess(img)} for _, img in rm.images("eval", 6)]
+    except rm.RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+    return path, calib, evals
+
+
+def test_cls_opset11_per_channel(cls_model):
+    path, calib, evals = cls_model
+    assert onnx.load(str(path)).opset_import[0].version == 11
+    result = quantize(path, calib, progress=False)
+    model = result.model
+    check_model(model)
+    assert result.report["opset"]["from"] == 11 and result.report["opset"]["to"] >= 13
+    assert not _qdq_nodes(model, "Constant")  # converter output lifted back to initializers
+    conv_w = [n for n in _qdq_nodes(model, "DequantizeLinear")
+              if n.inputs[0].is_initializer() and n.inputs[0].const_value.dtype == ir.DataType.INT8]
+    assert len(conv_w) >= 50
+    assert all(n.attributes.get_int("axis") == 0 for n in conv_w if n.inputs[0].const_value.shape.rank() == 4)
+    biases = [n for n in _qdq_nodes(model, "DequantizeLinear")
+              if n.inputs[0].is_initializer() and n.inputs[0].const_value.dtype == ir.DataType.INT32]
+    assert biases  # int32 bias with scale = input scale * weight scale
+    assert fused_kernels(model).get("QLinearConv", 0) >= 50
+    ref_model = ir.load(str(path))
+    for feed in evals:
+        a = run_model(ref_model, feed)
+        b = run_model(model, feed)
+        for k in a:
+            assert np.abs(a[k] - b[k]).max() < 0.2  # class probabilities
+
+
+def test_ensure_opset_bumps_or_converts():
+    try:
+        det = ir.load(str(rm.ppocr_model("det")))
+        cls = ir.load(str(rm.ppocr_model("cls")))
+    except rm.RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)}
+    up, how = ensure_opset(det, 13, feeds=feed)
+    assert how == "bumped" and up.opset_imports[""] == 13 and det.opset_imports[""] == 12
+    up, how = ensure_opset(cls, 13)  # Softmax's axis changed meaning at 13: converter
+    assert how == "converted" and not [n for n in up.graph if n.op_type == "Constant"]
+
+
+# ----------------------------------------------------------------------------------------
+# A small hand-built CNN for the option and error paths (fast)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_cnn(tmp_path):
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "w1"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b1"),
+        numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3, "w2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "cnn.onnx"
+    onnx.save(model, path)
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
+    return path, feeds
+
+
+def test_relu_absorbed_and_tensorrt_scheme(small_cnn):
+    path, feeds = small_cnn
+    cpu = quantize(path, feeds, progress=False).model
+    assert not _qdq_nodes(cpu, "Relu")  # the uint8 output quantizer of conv1 does the Relu's job
+    assert fused_kernels(cpu).get("QLinearConv") == 1  # conv2's output stays float (graph output)
+    ref = run_model(ir.load(str(path)), feeds[0])["y"]
+    assert np.abs(run_model(cpu, feeds[0])["y"] - ref).max() < 0.05 * np.abs(ref).max()
+    trt = quantize(path, feeds, target="tensorrt", progress=False).model
+    for q in _qdq_nodes(trt, "QuantizeLinear"):
+        zp = _initializer_array(trt, q.inputs[2])
+        assert zp.dtype == np.int8 and not zp.any()
+    assert _qdq_nodes(trt, "Relu")  # symmetric int8 cannot absorb it
+
+
+def test_per_tensor_and_exclude(small_cnn):
+    path, feeds = small_cnn
+    model = quantize(path, feeds, per_channel=False, exclude=["conv2"], progress=False).model
+    w_dqs = [n for n in _qdq_nodes(model, "DequantizeLinear") if n.inputs[0].name.startswith("w")]
+    assert len(w_dqs) == 1 and w_dqs[0].attributes.get("axis") is None
+    assert _initializer_array(model, w_dqs[0].inputs[1]).shape == ()
+
+
+def test_max_drop_fallback_moves_layers_to_float(small_cnn):
+    path, feeds = small_cnn
+    before = quantize(path, feeds * 3, sensitivity=True, holdout=4, progress=False).report["fallback"]["before"]
+    assert before > 0
+    res = quantize(path, feeds * 3, max_drop=before * 0.99, holdout=4, progress=False)
+    fb = res.report["fallback"]
+    assert fb["before"] == pytest.approx(before)
+    assert fb["to_float"] and fb["after"] <= before * 0.99
+    assert res.report["layers"][fb["to_float"][0]]["reason"] == "accuracy fallback (--max-drop)"
+    with pytest.raises(OnnxoptError, match="not reachable"):
+        quantize(path, feeds * 3, max_drop=1e-9, holdout=4, progress=False)
+
+
+@pytest.mark.parametrize(
+    "feeds, message",
+    [
+        ([{"image": np.zeros((1, 3, 8, 8), np.float32)}], "unknown input name 'image'"),
+        ([{}], "missing input 'x'"),
+        ([{"x": np.zeros((1, 3, 9, 9), np.float32)}], "input 'x' has shape (1, 3, 9, 9)"),
+        ([{"x": np.zeros((1, 3, 8, 8), np.float64)}], "input 'x' has dtype float64"),
+    ],
+)
+def test_bad_calibration_samples(small_cnn, tmp_path, feeds, message):
+    path, _ = small_cnn
+    out = tmp_path / "q.onnx"
+    with pytest.raises(OnnxoptError, match=None) as err:
+        quantize_file(path, out, calib=feeds, progress=False)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    code = main(["quantize", *map(str, args), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_cli_bad_inputs(small_cnn, tmp_path, capsys):
+    path, feeds = small_cnn
+    out = tmp_path / "q.onnx"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "images"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png at all")
+    npz = tmp_path / "calib"
+    npz.mkdir()
+    for i, f in enumerate(feeds):
+        np.savez(npz / f"{i}.npz", **f)
+    cases = [
+        ([path, "-o", out, "--calib", empty], "empty"),
+        ([path, "-o", out, "--calib", tmp_path / "missing"], "missing"),
+        ([path, "-o", out, "--calib", broken, "--image-size", "8x8"], "a.png"),
+        ([path, "-o", out, "--calib", npz, "--exclude", "NoSuchOp"], "NoSuchOp"),
+        ([path, "-o", tmp_path / "nodir" / "q.onnx", "--calib", npz], "does not exist"),
+        ([path, "-o", path, "--calib", npz], "input model"),
+    ]
+    for args, needle in cases:
+        code, err = _cli(capsys, *args)
+        assert code == 2, (args, err)
+        assert err.startswith("onnxopt: error:") and needle in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
+    code, err = _cli(capsys, path, "-o", out, "--calib", npz, "--report", tmp_path / "r.json")
+    assert code == 0 and out.exists() and json.loads((tmp_path / "r.json").read_text())["quantized_layers"] == 2
+    # An already quantized model is refused.
+    code, err = _cli(capsys, out, "-o", tmp_path / "qq.onnx", "--calib", npz)
+    assert code == 2 and "already quantized" in err and not (tmp_path / "qq.onnx").exists()
+    make_session(ir.load(str(out))).close()
