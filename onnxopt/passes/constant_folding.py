@@ -524,7 +524,9 @@ class _Folder:
     def replace_with_constants(self, graph: ir.Graph | ir.Function, node: ir.Node, arrays: list[np.ndarray]) -> None:
         in_function = isinstance(graph, ir.Function)
         for old, array in zip(node.outputs, arrays):
-            name = old.name or "folded"
+            if not old.uses() and not old.is_graph_output():
+                continue  # an unused (often unnamed optional) output needs no constant
+            name = old.name or self.fresh_name("folded")
             old.name = self.fresh_name(f"{name}__unfolded")
             tensor = ir.tensor(array, name=name)
             if in_function or old.is_graph_output():
