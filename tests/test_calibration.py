@@ -647,3 +647,45 @@ def test_minilm_attention_mask_is_flagged_not_fatal():
         assert (b.min, b.max) == pytest.approx(a.observer.core_range(), rel=1e-5, abs=1e-5), name
     for st in flagged:
         assert st.observed_min < -1e6 and st.min > -1e6
+
+
+def test_external_data_model_and_plain_iterable(tmp_path, cls_model, cls_feeds, cls_all_tensors):
+    """A model whose weights live in external data (the >2 GB case) goes through a temporary
+    folder, not one protobuf; the result matches the embedded model's, and the caller's
+    files are untouched."""
+    from onnxopt.model_io import save_model
+
+    ext_path = tmp_path / "cls_ext.onnx"
+    save_model(cls_model.clone(), ext_path, external_data=True)
+    assert (tmp_path / "cls_ext.onnx.data").is_file()
+    ext = load_model(ext_path)
+    names = cls_all_tensors[::5]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    got = collect_stats(ext, cls_feeds, names, method="percentile", mean_for=names[:2], progress=False)
+    want = collect_stats(cls_model, cls_feeds, names, method="percentile", mean_for=names[:2], progress=False)
+    for name in names:
+        assert (got[name].min, got[name].max, got[name].count) == (want[name].min, want[name].max, want[name].count)
+    np.testing.assert_array_equal(got[names[0]].mean_per_channel, want[names[0]].mean_per_channel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_progress_bar_goes_to_stderr(capsys, cls_model, cls_feeds):
+    stats = collect_stats(cls_model, cls_feeds[:2], ["x"], progress=True)
+    out = capsys.readouterr()
+    assert out.out == "" and stats["x"].count == 2 * cls_feeds[0]["x"].size
+
+
+def test_minmax_reduction_path_catches_nan(cls_model, cls_feeds, cls_all_tensors):
+    """ORT's ReduceMin/ReduceMax skip NaN except in the first element (checked on ORT 1.32),
+    so the in-graph path also sums each tensor: a NaN anywhere must flag the tensor."""
+    bad = cls_feeds[1]["x"].copy()
+    bad[0, 1, 20, 30] = np.nan  # one pixel: a few hundred NaNs downstream
+    feeds = [cls_feeds[0], {"x": bad}, cls_feeds[2]]
+    names = cls_all_tensors[:12]
+    mm = collect_stats(cls_model, feeds, names, method="minmax", progress=False)
+    ref = collect_stats(cls_model, feeds, names, method="percentile", progress=False)  # fetches values
+    assert any(not s.finite for s in mm.values())
+    for name in names:
+        a, b = mm[name], ref[name]
+        assert (a.finite, a.nonfinite_count, a.count) == (b.finite, b.nonfinite_count, b.count), name
+        assert (a.min, a.max) == pytest.approx(b.observer.core_range(), rel=1e-5, abs=1e-6), name

@@ -175,6 +175,10 @@ def collect_stats(
     then observed too). ``threads``: ONNX Runtime intra-op threads (default 2).
     """
     method = canonical_method(method)
+    if not isinstance(data, CalibrationData):
+        from onnxopt.calibration.data import load_calibration_data
+
+        data = load_calibration_data(data, model)
     budget = DEFAULT_GROUP_BYTES if max_group_bytes is None else int(max_group_bytes)
     if budget <= 0:
         raise OnnxoptError(f"max_group_bytes must be positive, got {max_group_bytes}")

@@ -396,7 +396,6 @@ class _StackedNpz(_Source):
                             return np.frombuffer(buf, dtype=dtype).reshape(item_shape).copy()
 
                         readers[key] = read
-                    readers[key].stacked = stacked  # type: ignore[attr-defined]
                 try:
                     for i in range(self.n):
                         feed = {}

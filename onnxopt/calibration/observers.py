@@ -109,21 +109,14 @@ class Observer:
         if x.size == 0:
             return
         self.count += x.size
-        lo, hi = x.min(), x.max()
-        if x.dtype.kind in "iu":
-            lo, hi = float(lo), float(hi)
-            if -self.outlier_abs <= lo and hi <= self.outlier_abs:
-                self._core(x, lo, hi)
-                self.observed_min = min(self.observed_min, lo)
-                self.observed_max = max(self.observed_max, hi)
-                return
-        else:
-            lo, hi = float(lo), float(hi)  # NaN propagates through min/max: one check covers all
-            if -self.outlier_abs <= lo and hi <= self.outlier_abs:  # False for NaN / Inf
-                self._core(x, lo, hi)
-                self.observed_min = min(self.observed_min, lo)
-                self.observed_max = max(self.observed_max, hi)
-                return
+        # One min and one max answer everything on the common path: NaN propagates through
+        # both, so finite extremes within the outlier bound mean a clean batch.
+        lo, hi = float(x.min()), float(x.max())
+        if -self.outlier_abs <= lo and hi <= self.outlier_abs:  # False for NaN / Inf
+            self.observed_min = min(self.observed_min, lo)
+            self.observed_max = max(self.observed_max, hi)
+            self._core(x, lo, hi)
+            return
         self._update_slow(x)
 
     def _update_slow(self, x: np.ndarray) -> None:
