@@ -438,3 +438,27 @@ def test_real_models_default_preset(name):
     hist = op_histogram(result.model)
     assert "BatchNormalization" not in hist and "Constant" not in hist
     assert_same(original, result.model, feeds, rtol=1e-4, atol=1e-5)
+
+
+# -- fuse-hardswish ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opset,fuses", [(14, True), (13, False)])
+def test_hardswish(opset, fuses):
+    inits = {"three": np.array(3, np.float32), "zero": np.array(0, np.float32), "six": np.array(6, np.float32), "s": rand(1)}
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+             helper.make_node("Mul", ["x", "c"], ["m"]), helper.make_node("Div", ["m", "six"], ["h"]),
+             helper.make_node("Mul", ["h", "s"], ["y"])]  # the scale after it must not hide the pattern
+    m = model(nodes, X4, [("y", F, None)], inits, opset=opset)
+    out = run_passes(m, "fuse-hardswish", "fuse-scale")
+    assert ops(out) == (["HardSwish", "Mul"] if fuses else ["Add", "Clip", "Mul", "Mul"])
+    assert_same(m, out, {"x": rand(1, 4, 8, 8) * 4})
+
+
+def test_initializer_listed_as_input_is_not_a_constant():
+    # IR < 4 models list initializers as graph inputs: a caller may feed another value, so
+    # the BN parameters are not constants and nothing is fused.
+    inits = {"W": rand(6, 4, 1, 1), **bn_inits(6)}
+    m = model([helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")],
+              X4 + [(k, F, list(v.shape)) for k, v in inits.items()], [("y", F, ["N", 6, 8, 8])], inits, ir_version=3, opset=7)
+    assert ops(run_passes(m, "fuse-batchnorm")) == ["Conv", "BatchNormalization"]

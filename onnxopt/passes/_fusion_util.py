@@ -155,17 +155,23 @@ class Names:
     """
 
     def __init__(self, model: ir.Model):
+        self._model = model
+        self._taken: set[str] | None = None  # collected on first use: most sweeps rewrite nothing
+
+    def _collect(self) -> set[str]:
         names: set[str] = set()
-        for g in all_graphs(model):
+        for g in all_graphs(self._model):
             names.update(v.name for v in g.inputs if v.name)
             names.update(v.name for v in g.outputs if v.name)
             if isinstance(g, ir.Graph):
                 names.update(g.initializers)
             for n in g:
                 names.update(o.name for o in n.outputs if o.name)
-        self._taken = names
+        return names
 
     def new(self, base: str) -> str:
+        if self._taken is None:
+            self._taken = self._collect()
         name = base
         i = 1
         while name in self._taken:
