@@ -194,10 +194,54 @@ SETTINGS: dict[str, dict] = {
     "cle+bc-allops": dict(transform="cle", ops=None, bias_correction=True),
     "cle+bc-excl-head": dict(transform="cle", bias_correction=True, exclude=HEAD_NODES),
     "cle+bc-excl-head-first": dict(transform="cle", bias_correction=True, exclude=HEAD_NODES + FIRST_CONV),
+    # onnxopt's quantizer (Conv inputs AND outputs in QDQ, so ORT fuses QLinearConv end to end)
+    "oq-plain": dict(backend="onnxopt"),
+    "oq-cle": dict(backend="onnxopt", hooks=("cle",)),
+    "oq-cle+bc": dict(backend="onnxopt", hooks=("cle", "bc")),
+    "oq-cle+gptq+bc": dict(backend="onnxopt", hooks=("cle", "gptq", "bc")),
+    "oq-plain-per-tensor": dict(backend="onnxopt", per_channel=False),
+    "oq-cle+bc-per-tensor": dict(backend="onnxopt", hooks=("cle", "bc"), per_channel=False),
+    "oq-cle+bc-percentile": dict(backend="onnxopt", hooks=("cle", "bc"), method="percentile"),
+    "oq-cle+bc-mse": dict(backend="onnxopt", hooks=("cle", "bc"), method="mse"),
+    "oq-cle+bc-entropy": dict(backend="onnxopt", hooks=("cle", "bc"), method="entropy"),
+    "oq-cle+bc-excl-first-head": dict(backend="onnxopt", hooks=("cle", "bc"), exclude=FIRST_CONV + ("p2o.Conv.61",)),
+    "oq-cle+bc-maxdrop": dict(backend="onnxopt", hooks=("cle", "bc"), max_drop=0.002),
 }
 
 
+def build_onnxopt(setting: dict, calib_feeds) -> onnx.ModelProto:
+    """onnxopt's own quantizer (float optimize pipeline, QDQ on Conv in and out, int32
+    biases) with our hooks: CLE as a float transform, GPTQ rounding and bias correction
+    as weight transforms."""
+    from onnxopt.quantization import quantize
+    from onnxopt.quantization.bias_correction import bias_correction
+    from onnxopt.quantization.equalization import cross_layer_equalization
+    from onnxopt.quantization.rounding import gptq_weight_rounding
+
+    hooks = setting.get("hooks", ())
+    float_transforms = [cross_layer_equalization] if "cle" in hooks else []
+    weight_transforms = ([gptq_weight_rounding] if "gptq" in hooks else []) + ([bias_correction] if "bc" in hooks else [])
+    res = quantize(
+        str(ppocr_model("det")),
+        calib_feeds,
+        method=setting.get("method", "minmax"),
+        per_channel=setting.get("per_channel", True),
+        exclude=setting.get("exclude", ()),
+        max_drop=setting.get("max_drop"),
+        float_transforms=float_transforms,
+        weight_transforms=weight_transforms,
+        progress=False,
+        sensitivity=setting.get("max_drop") is not None,
+    )
+    fb = res.report.get("fallback", {})
+    if fb.get("to_float"):
+        print(f"    fallback to float: {fb['to_float']}", flush=True)
+    return ir.to_proto(res.model)
+
+
 def build(setting: dict, calib_feeds, float_cache: dict) -> onnx.ModelProto:
+    if setting.get("backend") == "onnxopt":
+        return build_onnxopt(setting, calib_feeds)
     transform = setting.get("transform", "none")
     if transform not in float_cache:
         float_cache[transform] = prepare_float(transform)

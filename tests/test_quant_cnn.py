@@ -331,3 +331,71 @@ def test_correct_qdq_biases_on_real_depthwise_conv():
     before = np.abs((y_q - y_ref).mean(axis=(0, 2, 3)))
     after = np.abs((y_bc - y_ref).mean(axis=(0, 2, 3)))
     assert after.mean() < before.mean()
+
+
+# ----------------------------------------------------------------------------
+# GPTQ-style rounding
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv_name,input_name", [("p2o.Conv.2", "p2o.Add.7"), ("p2o.Conv.3", "p2o.Add.15")],
+                         ids=["pointwise", "depthwise"])
+def test_gptq_rounding_beats_round_to_nearest_on_held_out_image(conv_name, input_name):
+    """H from two calibration images; the conv output error is measured on a third one."""
+    from onnxopt.quantization.rounding import _conv_geometry, gptq_round, im2col_sample
+
+    x = _det_activation(input_name, n_images=3)
+    det = ir.load(str(_real("det")))
+    conv = next(n for n in det.graph if n.name == conv_name)
+    w = ir.convenience.get_const_tensor(conv.inputs[1]).numpy()
+    b = ir.convenience.get_const_tensor(conv.inputs[2]).numpy()
+    geo = _conv_geometry(conv, w.shape)
+    g = geo["group"]
+    cols = im2col_sample(x[:2], geo, 8192, np.random.default_rng(0))
+    c, k, p = cols.shape
+    cols = cols.reshape(g, (c // g) * k, p)
+    h = cols @ cols.transpose(0, 2, 1) / p
+    scale = np.abs(w).reshape(w.shape[0], -1).max(axis=1) / 127
+    q = gptq_round(w, h, scale, g)
+    assert q.dtype.kind == "f" and np.all(np.abs(q) <= 127) and np.all(q == np.rint(q))
+    w_gptq = (q * scale[:, None, None, None]).astype(np.float32)
+    w_rtn = quantize_weight(w, axis=0)
+    pads = list(conv.attributes["pads"].value) if "pads" in conv.attributes else [0, 0, 0, 0]
+    strides = list(conv.attributes["strides"].value) if "strides" in conv.attributes else [1, 1]
+
+    def run(weight):
+        m = _conv_model(weight, b, g, pads)
+        m.graph.node[0].attribute.append(helper.make_attribute("strides", strides))
+        return _run(m, {"x": x[2:]})[0]
+
+    y_ref = run(w)
+    err_rtn = np.mean((run(w_rtn) - y_ref) ** 2)
+    err_gptq = np.mean((run(w_gptq) - y_ref) ** 2)
+    assert err_gptq < 0.8 * err_rtn
+
+
+def test_quantizer_hooks_run_on_a_conv_model():
+    """CLE as a float transform, GPTQ + bias correction as weight transforms of onnxopt's
+    quantizer: they run, report, and the int8 model stays close to fp32."""
+    quantization = pytest.importorskip("onnxopt.quantization")
+    if not hasattr(quantization, "quantize"):
+        pytest.skip("onnxopt.quantization.quantize not available")
+    from onnxopt.quantization.bias_correction import bias_correction
+    from onnxopt.quantization.equalization import cross_layer_equalization
+    from onnxopt.quantization.rounding import gptq_weight_rounding
+
+    proto = _two_conv_model("Relu", depthwise2=True)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 4, 16, 16)).astype(np.float32)} for _ in range(6)]
+    res = quantization.quantize(ir.from_proto(proto), feeds, float_transforms=[cross_layer_equalization],
+                                weight_transforms=[gptq_weight_rounding, bias_correction], progress=False,
+                                sensitivity=False)
+    hooks = res.report["hooks"]
+    assert hooks["float_transforms"][0]["name"] == "cross_layer_equalization"
+    assert "equalized 1 conv pairs" in hooks["float_transforms"][0]["summary"]
+    assert [h["name"] for h in hooks["weight_transforms"]] == ["gptq_weight_rounding", "bias_correction"]
+    assert res.report["bias_correction"]["corrected"] == 2
+    x = feeds[0]
+    ref = _run(proto, x)[0]
+    out = _run(res.model, x)[0]
+    assert np.abs(out - ref).mean() < 0.05 * np.abs(ref).mean()

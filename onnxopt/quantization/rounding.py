@@ -175,7 +175,6 @@ def gptq_weight_rounding(qmodel: ir.Model, ctx, *, max_positions: int = 4096) ->
     fnodes = {n.name: n for n in ctx.float_model.graph}
     convs = [fnodes[l.name] for l in layers if l.name in fnodes]
     hess = conv_input_hessians(ctx.float_model, ctx.calib, convs, max_positions=max_positions)
-    graph = qmodel.graph
     n = 0
     gain = []
     for layer in layers:
@@ -186,8 +185,12 @@ def gptq_weight_rounding(qmodel: ir.Model, ctx, *, max_positions: int = 4096) ->
         w = layer.float_weight
         scale = np.asarray(layer.weight_scale, np.float64).reshape(-1)
         q = gptq_round(w, h, scale, group)
-        wq_value = graph.initializers.get(layer.weight_name)
-        if wq_value is None or wq_value.const_value is None:
+        # The int8 tensor is the data input of the DequantizeLinear feeding the layer's weight.
+        wdq = layer.node.inputs[1].producer() if layer.node.inputs[1] is not None else None
+        if wdq is None or wdq.op_type != "DequantizeLinear":
+            continue
+        wq_value = wdq.inputs[0]
+        if wq_value is None or wq_value.const_value is None or not wq_value.is_initializer():
             continue
         old = wq_value.const_value.numpy()
         if old.shape != q.shape:
