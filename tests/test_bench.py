@@ -393,3 +393,13 @@ def test_tensorrt_options(tmp_path, mlp):
     opts = report.settings["providers"]["tensorrt"]["options"]
     assert opts["trt_fp16_enable"] == "True" and opts["trt_engine_cache_path"] == str(cache)
     assert report.results[0]["io_binding"] is True
+
+
+def test_in_memory_models_are_accepted(mlp):
+    from onnxopt.model_io import load_model
+
+    model = load_model(mlp)  # an onnx_ir.Model, e.g. straight out of onnxopt.optimize
+    report = benchmark([mlp, model], check_outputs=True, **FAST)
+    assert [r["model"] for r in report.results] == ["mlp.onnx", "mlp.onnx#2"]
+    assert report.results[1]["path"] is None
+    assert report.comparisons[0]["outputs"][0]["max_abs"] == 0.0

@@ -102,9 +102,10 @@ def _load_models(models: Sequence[ModelLike]) -> list[_Model]:
             loaded.append(_Model(os.path.basename(os.fspath(m)), os.fspath(m), load_model(m)))
     # Labels must tell the models apart in tables and JSON: the file name, the path as
     # given where two different files share a name, "#2" for the same model twice.
-    by_name: dict[str, set[str]] = {}
+    by_name: dict[str, set] = {}
     for m in loaded:
-        by_name.setdefault(m.label, set()).add(os.path.realpath(m.path) if m.path else id(m.model))
+        src = m.path or m.model.meta.get("onnxopt.source_path")
+        by_name.setdefault(m.label, set()).add(os.path.realpath(src) if src else id(m.model))
     for m in loaded:
         if m.path is not None and len(by_name[m.label]) > 1:
             m.label = m.path
