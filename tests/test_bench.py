@@ -403,3 +403,27 @@ def test_in_memory_models_are_accepted(mlp):
     assert [r["model"] for r in report.results] == ["mlp.onnx", "mlp.onnx#2"]
     assert report.results[1]["path"] is None
     assert report.comparisons[0]["outputs"][0]["max_abs"] == 0.0
+
+
+def test_trt_int8_needs_a_qdq_model(tmp_path, mlp):
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    from onnxopt.bench.core import _check_trt_int8, _load_models
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": np.ones((1, 64), np.float32)}])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    qdq = tmp_path / "mlp.qdq.onnx"  # test fixture only
+    quantize_static(mlp, str(qdq), Reader(), quant_format=QuantFormat.QDQ)
+    int8 = ProviderConfig("tensorrt", "TensorrtExecutionProvider", {"trt_int8_enable": "True"})
+    _check_trt_int8(_load_models([str(qdq)]), int8)  # QDQ: TensorRT takes the scales from the graph
+    with pytest.raises(OnnxoptError, match="--trt-int8 needs a QDQ model"):
+        _check_trt_int8(_load_models([mlp]), int8)
+    table = ProviderConfig("tensorrt", "TensorrtExecutionProvider",
+                           {"trt_int8_enable": "True", "trt_int8_calibration_table_name": "calib.flatbuffers"})
+    _check_trt_int8(_load_models([mlp]), table)

@@ -385,6 +385,8 @@ def benchmark(
     n_threads = threads or physical_cores()
     loaded = _load_models(models)
     try:
+        for config in configs:
+            _check_trt_int8(loaded, config)
         return _run(
             loaded, configs, n_threads=n_threads, threads_given=threads is not None, warmup=warmup, runs=runs,
             duration=duration, shapes=shapes, inputs=inputs, batch_sizes=batch_sizes, io_binding=io_binding,
@@ -393,6 +395,24 @@ def benchmark(
     finally:
         for m in loaded:
             m.close()
+
+
+def _check_trt_int8(models: list[_Model], config: ProviderConfig) -> None:
+    """TensorRT int8 needs scales: QDQ nodes in the model, or a calibration table.
+
+    Without either TensorRT has no ranges for the activations; rather than let it fail
+    deep in engine building (or quietly fall back to other precisions), say so.
+    """
+    if config.options.get("trt_int8_enable") != "True" or config.options.get("trt_int8_calibration_table_name"):
+        return
+    from onnxopt.graph import all_nodes
+
+    for m in models:
+        if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in all_nodes(m.model)):
+            raise OnnxoptError(
+                f"{m.label}: --trt-int8 needs a QDQ model (QuantizeLinear/DequantizeLinear nodes) and this one has none; "
+                "quantize it first, or give a calibration table with --ep-option trt_int8_calibration_table_name=FILE"
+            )
 
 
 def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, threads_given, warmup, runs, duration, shapes,
