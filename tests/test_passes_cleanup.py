@@ -484,3 +484,28 @@ def test_fold_inside_a_model_local_function():
     assert [node.op_type for node in func] == ["Constant", "Mul"]
     assert list(func)[0].attributes["value"].value.numpy() == 5.0
     _same_outputs(model, after, _feeds(model, x=(4,)))
+
+
+def test_no_fold_of_loop_carried_shape_even_when_the_body_declares_it_static():
+    # The body declares v_in as [2, 3], but the loop-carried value grows every iteration
+    # (Shape(v_in)[0] is really 2, 4, 6): the declared 2 must not be folded in. (ONNX
+    # Runtime itself trusts the declaration here, so the outputs are compared with it.)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Concat", ["v_in", "x"], ["v_out"], axis=0),
+            helper.make_node("Shape", ["v_in"], ["s"]),
+            helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+            helper.make_node("Cast", ["n"], ["scan_out"], to=F),
+        ],
+        "body",
+        [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), helper.make_tensor_value_info("v_in", F, [2, 3])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", F, ["M", 3]), helper.make_tensor_value_info("scan_out", F, [])],
+    )
+    nodes = [helper.make_node("Loop", ["trip", "", "x"], ["v", "ns"], body=body)]
+    inits = [numpy_helper.from_array(np.array(3, np.int64), "trip"), numpy_helper.from_array(np.array(0, np.int64), "zero")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [2, 3])], [helper.make_tensor_value_info("v", F, ["M", 3]), helper.make_tensor_value_info("ns", F, [3])], inits)
+    after, n = _run(fold_constants, model)
+    assert n == 0
+    assert _ops(after) == _ops(model)
+    _same_outputs(model, after, {"x": np.ones((2, 3), np.float32)})

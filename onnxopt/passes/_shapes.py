@@ -68,7 +68,9 @@ def _serialize_without_big_tensors(model: ir.Model) -> onnx.ModelProto:
                     value.shape = ir.Shape(tensor.shape)
                 if value.dtype is None:
                     value.dtype = tensor.dtype
-            if tensor is None or tensor.nbytes > _BIG_TENSOR_BYTES:
+            # An initializer that is also a graph input (old IR versions) can be fed a
+            # different value at run time: inference must not see its data.
+            if tensor is None or tensor.nbytes > _BIG_TENSOR_BYTES or value in original_inputs:
                 if value not in original_inputs:
                     graph.inputs.append(value)
                 graph.initializers.pop(value.name)
@@ -88,19 +90,25 @@ def _serialize_without_big_tensors(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def _strip_value_info(graph: onnx.GraphProto) -> None:
+def _strip_value_info(graph: onnx.GraphProto, subgraph: bool = False) -> None:
     if len(graph.value_info):
         del graph.value_info[:]
     for out in graph.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
+    if subgraph:
+        # Loop/Scan body inputs: inference derives them from the node's inputs
+        # (and knows a loop-carried value may change shape); declared ones may be wrong.
+        for inp in graph.input:
+            if inp.type.HasField("tensor_type"):
+                inp.type.tensor_type.ClearField("shape")
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _strip_value_info(attr.g)
+                _strip_value_info(attr.g, True)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    _strip_value_info(g)
+                    _strip_value_info(g, True)
 
 
 def _collect_types(graph: onnx.GraphProto, into: dict[str, onnx.TypeProto], control_flow: frozenset[str]) -> None:
@@ -150,11 +158,12 @@ def _fingerprint(graphs) -> tuple[tuple, list]:
     return tuple(parts), alive
 
 
-def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
+def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape | None]:
     """Run shape inference and write the results onto the model's values (in place).
 
     Returns the inferred shape of every value inference knew something about,
-    graph outputs included (whose declared shapes are left as they are).
+    graph outputs included (whose declared shapes are left as they are), and None
+    for the inputs of subgraphs (unknown, whatever they declare).
     Functions are not inferred (their values keep what they had).
     The result is cached on the model and reused while no node, wiring, attribute
     or constant input has changed (passes that find nothing to do cost nothing).
@@ -169,7 +178,7 @@ def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
     return dict(result)
 
 
-def _infer(model: ir.Model, graphs: list[ir.Graph]) -> dict[ir.Value, ir.Shape]:
+def _infer(model: ir.Model, graphs: list[ir.Graph]) -> dict[ir.Value, ir.Shape | None]:
     try:
         proto = _serialize_without_big_tensors(model)
         _strip_value_info(proto.graph)
@@ -186,7 +195,12 @@ def _infer(model: ir.Model, graphs: list[ir.Graph]) -> dict[ir.Value, ir.Shape]:
     )
     types: dict[str, onnx.TypeProto] = {}
     _collect_types(inferred.graph, types, control_flow)
-    result: dict[ir.Value, ir.Shape] = {}
+    result: dict[ir.Value, ir.Shape | None] = {}
+    for graph in graphs[1:]:
+        # A Loop/Scan body's declared input shapes are the exporter's claim, and a
+        # loop-carried value may change shape between iterations: never rely on them.
+        for value in graph.inputs:
+            result[value] = None
     for graph in graphs:
         outputs = set(graph.outputs)
         for node in graph:

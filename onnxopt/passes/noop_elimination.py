@@ -213,6 +213,8 @@ class _NoopFinder:
                 continue
             if c.size == 0 or not np.all(c == neutral):
                 continue
+            if c.ndim == 0:
+                return data  # a scalar broadcasts to any shape without changing it
             shape = self.shape(data)
             if shape is None or c.ndim > len(shape):
                 continue
