@@ -162,6 +162,15 @@ def tensor_bytes(model: ir.Model) -> int:
     return total
 
 
+def _external_bytes(model: ir.Model) -> int:
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                total += value.const_value.nbytes
+    return total
+
+
 def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> pathlib.Path:
     """Validate an output path before any work is done."""
     out = pathlib.Path(output)
@@ -195,7 +204,9 @@ def save_model(
     source = model.meta.get("onnxopt.source_path")
     check_output_path(out, source)
     if external_data is None:
-        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+        # Over the protobuf limit, or weights that already live in external files: keep them
+        # external, so saving streams tensors to disk instead of building a 2 GB proto in RAM.
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES or _external_bytes(model) > (1 << 20)
     data_name = out.name + ".data"
     with _temporary_dir(out.parent) as tmp:
         tmp_model = tmp / out.name

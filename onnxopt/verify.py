@@ -45,7 +45,10 @@ class _Session:
         if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES or _has_external(model):
             self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-verify-")
             path = os.path.join(self._tmp.name, "model.onnx")
-            ir.save(model, path, external_data="model.onnx.data")
+            _save_for_session(model, self._tmp.name, path)
+            # Without prepacking ORT memory-maps the external weights instead of copying
+            # them to its heap: a session on a 2.4 GB model then costs page cache, not RAM.
+            so.add_session_config_entry("session.disable_prepacking", "1")
             self.session = ort.InferenceSession(path, so, providers=list(providers))
         else:
             proto = ir.serde.serialize_model(model)
@@ -59,6 +62,68 @@ class _Session:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _save_for_session(model: ir.Model, folder: str, path: str) -> None:
+    """Write ``model`` for ORT into ``folder`` without copying the weights it already has on disk.
+
+    External tensors keep pointing at their files (hard-linked into ``folder``: ORT refuses
+    data outside the model's folder, symlinks included); only tensors that live in memory
+    (new or rewritten by a pass) are written, to ``new.data``. Verifying a 2.4 GB model
+    then writes only what the passes changed. The model is left as it was.
+    """
+    values = [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
+    originals = [v.const_value for v in values]
+    links: dict[str, str | None] = {}
+    in_memory = []
+    try:
+        for value in values:
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                source = os.path.realpath(tensor.path)
+                if source not in links:
+                    local = f"src{len(links)}.data"
+                    try:
+                        os.link(source, os.path.join(folder, local))
+                    except OSError:  # another file system, or not allowed: copy it below
+                        local = None
+                    links[source] = local
+                if links[source] is not None:
+                    value.const_value = ir.ExternalTensor(
+                        links[source], tensor.offset, tensor.length, tensor.dtype,
+                        shape=tensor.shape, name=tensor.name, base_dir=folder,
+                    )
+                    continue
+            if tensor.nbytes > 1024:
+                in_memory.append(value)
+        if in_memory:
+            written = ir.external_data.convert_tensors_to_external(
+                [v.const_value for v in in_memory], folder, "new.data"
+            )
+            for value, tensor in zip(in_memory, written):
+                value.const_value = tensor
+        onnx.save(ir.serde.serialize_model(model), path)
+    finally:
+        for value, tensor in zip(values, originals):
+            value.const_value = tensor
+    release_mappings(model)
+
+
+def release_mappings(model: ir.Model) -> None:
+    """Unmap the weight files a model's external tensors have mapped (they remap on next read).
+
+    A pass that reads a weight leaves its file pages mapped in this process; ORT maps the
+    same pages for its session, and both count in the resident size. Called before a
+    session is built, so verifying a large model costs one copy of its weights, not two.
+    """
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                try:
+                    tensor.release()
+                except BufferError:  # someone still holds an array view: keep the mapping
+                    pass
 
 
 def _has_external(model: ir.Model) -> bool:

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxopt.errors import OnnxoptError, VerificationError
 from onnxopt.graph import count_nodes
 from onnxopt.passes.registry import PassInfo, get_pass
-from onnxopt.verify import Verifier
+from onnxopt.verify import Verifier, release_mappings
 
 logger = logging.getLogger("onnxopt")
 
@@ -168,6 +168,9 @@ class PassManager:
             if self.verify != "final":
                 break
             try:
+                # The pristine copy shares its tensors with the caller's model; weights a
+                # pass replaced stay mapped through it unless released before ORT maps them.
+                release_mappings(pristine)
                 self.verifier.verify(work)
                 break
             except VerificationError as e:
