@@ -94,8 +94,8 @@ def _save_for_session(model: ir.Model, folder: str, path: str) -> None:
                         shape=tensor.shape, name=tensor.name, base_dir=folder,
                     )
                     continue
-            if tensor.nbytes > 1024:
-                in_memory.append(value)
+            if tensor.nbytes > 1024 or isinstance(tensor, ir.ExternalTensor):
+                in_memory.append(value)  # (an external tensor here could not be linked: copy it)
         if in_memory:
             written = ir.external_data.convert_tensors_to_external(
                 [v.const_value for v in in_memory], folder, "new.data"
