@@ -91,3 +91,16 @@ def test_verification_catches_a_broken_external_model(external_model, tmp_path):
         verifier.verify(model)
     out = run_model(model, feeds[0])
     assert set(out) == {"y"}
+
+
+def test_checker_runs_on_external_models(external_model):
+    """check_model must not skip the ONNX checker because the weights are external."""
+    from onnxopt.errors import VerificationError
+    from onnxopt.model_io import load_model
+    from onnxopt.verify import check_model
+
+    model = load_model(external_model)
+    check_model(model)
+    next(iter(model.graph)).op_type = "NotAnOp"
+    with pytest.raises(VerificationError, match="NotAnOp"):
+        check_model(model)
