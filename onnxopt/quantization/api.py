@@ -74,9 +74,12 @@ class _Slice:
         return next(iter(self))
 
 
+_T0 = [time.perf_counter()]
+
+
 def _say(progress: bool, msg: str) -> None:
     if progress:
-        print(f"onnxopt quantize: {msg}", file=sys.stderr, flush=True)
+        print(f"onnxopt quantize: [{time.perf_counter() - _T0[0]:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def _run_hooks(hooks: Sequence, model: ir.Model, ctx: QuantContext, key: str) -> None:
@@ -170,9 +173,9 @@ def quantize(
     """
     from onnxopt.calibration import collect_stats, load_calibration_data
     from onnxopt.optimize import optimize
-    from onnxopt.verify import check_model, make_session
+    from onnxopt.verify import check_model
 
-    t_start = time.perf_counter()
+    t_start = _T0[0] = time.perf_counter()
     if method not in METHODS:
         raise OnnxoptError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
     if max_drop is not None and not (0 < max_drop < 1):
@@ -316,22 +319,39 @@ def quantize(
                         f"mean over {len(held_feeds)} held-out calibration samples)",
               "before": drop, "worst_sample_before": worst, "max_drop": max_drop, "to_float": []}
         if max_drop is not None and drop > max_drop:
-            # Noisiest layers first; grow the float set 1, 1, 1, 1, 2, 4, 8, 8, ... at a time.
+            # Noisiest layers first. Grow the float set 1, 1, 1, 1, 2, 4, 8, 8, ... layers at a
+            # time until the drop is within budget, then bisect back to the smallest such set.
             order = sorted(layers, key=lambda l: sqnr[l.name])
-            step, moved = 1, 0
-            while drop > max_drop and moved < len(order):
-                moved = min(len(order), moved + step)
-                step = min(step * 2, 8) if moved >= 4 else 1
-                chosen = {l.name for l in order[:moved]}
-                remaining = [l for l in layers if l.name not in chosen]
-                if not remaining:
-                    raise OnnxoptError(f"--max-drop {max_drop}: not reachable with any layer left in int8 (the drop "
-                                       f"was {drop:.4g} with {len(order) - 1 if len(order) > 1 else 0} in float); "
-                                       "allow a larger drop")
+
+            def trial(k: int):
+                chosen = {l.name for l in order[:k]}
                 ctx_fb = QuantContext(float_model=model, calib=calib_data, scheme=scheme, stats=stats, report=rep)
-                qmodel, qlayers = build(remaining, ctx_fb)
-                drop, worst = _cosine_drop(refs, run_all(qmodel, held_feeds))
-                _say(progress, f"fallback: {moved} layer(s) in float -> drop {drop:.4f}")
+                qm, _ = build([l for l in layers if l.name not in chosen], ctx_fb)
+                d, w = _cosine_drop(refs, run_all(qm, held_feeds))
+                _say(progress, f"fallback: {k} layer(s) in float -> drop {d:.4f}")
+                return qm, d, w
+
+            step, good_k, bad_k, best = 1, None, 0, None
+            while good_k is None:
+                k = min(len(order), bad_k + step)
+                if k == len(order):
+                    raise OnnxoptError(f"--max-drop {max_drop}: not reachable with any layer left in int8 (the drop "
+                                       f"was {drop:.4g} with {bad_k} in float); allow a larger drop")
+                step = min(step * 2, 8) if k >= 4 else 1
+                result_k = trial(k)
+                if result_k[1] <= max_drop:
+                    good_k, best = k, result_k
+                else:
+                    bad_k, drop = k, result_k[1]
+            while good_k - bad_k > 1:
+                mid = (good_k + bad_k) // 2
+                result_k = trial(mid)
+                if result_k[1] <= max_drop:
+                    good_k, best = mid, result_k
+                else:
+                    bad_k = mid
+            qmodel, drop, worst = best
+            moved = good_k
             for l in order[:moved]:
                 layer_rep[l.name].update({"quantized": False, "reason": "accuracy fallback (--max-drop)"})
             fb["to_float"] = [l.name for l in order[:moved]]
@@ -339,17 +359,19 @@ def quantize(
         fb["worst_sample_after"] = worst
         rep["fallback"] = fb
 
+    _say(progress, "checking the model (ONNX checker, ONNX Runtime)")
     check_model(qmodel)
     try:
-        make_session(qmodel).close()
+        kernels = fused_kernels(qmodel)  # builds an ORT session: proves the model loads
     except Exception as e:  # noqa: BLE001
         raise OnnxoptError(f"internal error: ONNX Runtime cannot load the quantized model: {e}") from None
     rep["layers"] = layer_rep
     rep["quantized_layers"] = sum(1 for v in layer_rep.values() if v.get("quantized"))
     rep["float_layers"] = sum(1 for v in layer_rep.values() if not v.get("quantized"))
     rep["ops"] = op_histogram(qmodel)
-    rep["ort_fused_kernels"] = fused_kernels(qmodel)
+    rep["ort_fused_kernels"] = kernels
     rep["seconds"] = round(time.perf_counter() - t_start, 3)
+    _say(progress, "done")
     if report is not None:
         from onnxopt.atomic import write_text_atomic
         import json
