@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--folder", help="where to write the models (default: a temporary folder under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
-    ap.add_argument("--tools", default="onnxopt,compare,quantize,onnxsim,onnxslim")
+    ap.add_argument("--tools", default="inspect,onnxopt,compare,quantize,onnxsim,onnxslim")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per tool")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -239,6 +239,7 @@ def main(argv=None) -> int:
         opt = out_dir / "opt.onnx"
         steps = {
             "onnxopt": ("onnxopt optimize", [*onnxopt_cli, "optimize", str(model), "-o", str(opt)], opt),
+            "inspect": ("onnxopt inspect", [*onnxopt_cli, "inspect", str(model)], None),
             "compare": ("onnxopt compare (orig vs opt)", [*onnxopt_cli, "compare", str(model), str(opt), "--shape", "x:1x64x" + str(args.hidden)], None),
             "quantize": ("onnxopt quantize (random calib)", [*onnxopt_cli, "quantize", str(model), "-o", str(out_dir / "q.onnx"),
                                                             "--calib", "random", "--quiet", "--samples", "4"], out_dir / "q.onnx"),
