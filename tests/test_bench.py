@@ -129,7 +129,7 @@ def test_cli_writes_json_csv_and_table(tmp_path, capsys, mlp, mlp_int8):
     assert data["packages"]["onnxruntime"] == ort.__version__
     assert data["machine"]["cpu"] and data["machine"]["physical_cores"] == physical_cores()
     assert data["settings"]["threads"] == {"intra_op": physical_cores(), "inter_op": 1, "execution_mode": "sequential",
-                                           "source": "physical cores"}
+                                           "source": "physical cores", "spinning": True}
     assert data["settings"]["providers"]["cpu"]["name"] == "CPUExecutionProvider"
     assert data["comparisons"][0]["outputs"][0]["name"] == "y"
     rows = list(csv.DictReader(io.StringIO(cs.read_text())))
@@ -427,3 +427,15 @@ def test_trt_int8_needs_a_qdq_model(tmp_path, mlp):
     table = ProviderConfig("tensorrt", "TensorrtExecutionProvider",
                            {"trt_int8_enable": "True", "trt_int8_calibration_table_name": "calib.flatbuffers"})
     _check_trt_int8(_load_models([mlp]), table)
+
+
+def test_threads_and_spinning_are_set_and_recorded(tmp_path, capsys, mlp):
+    js = tmp_path / "r.json"
+    assert main(["bench", mlp, "--threads", "1", "--no-spin", "--runs", "3", "--warmup", "0", "--json", str(js)]) == 0
+    assert "intra-op 1 (--threads), inter-op 1, sequential, no spinning" in " ".join(capsys.readouterr().out.split())
+    data = json.loads(js.read_text())
+    assert data["settings"]["threads"]["spinning"] is False and data["results"][0]["threads"]["intra_op"] == 1
+    so = session_options(3, spinning=False)
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (3, 1)
+    assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"

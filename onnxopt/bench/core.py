@@ -183,9 +183,17 @@ def _batch_of(feeds: Mapping[str, np.ndarray]) -> int:
 
 # --- sessions and the timed call --------------------------------------------------------------
 
-def session_options(threads: int) -> ort.SessionOptions:
-    """Intra-op = ``threads``, inter-op 1, sequential: the setting latency numbers need."""
+def session_options(threads: int, *, spinning: bool = True) -> ort.SessionOptions:
+    """Intra-op = ``threads``, inter-op 1, sequential: the setting latency numbers need.
+
+    ``spinning=False`` stops idle pool threads from busy-waiting for the next run (ORT's
+    default is to spin, which lowers latency of back-to-back runs but lets one
+    session's idle threads compete for cores with another session's running ones).
+    """
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -359,6 +367,7 @@ def benchmark(
     trt_engine_cache: str | os.PathLike | None = None,
     ep_options: Mapping[str, str] | None = None,
     seed: int = 0,
+    spinning: bool = True,
     progress: ProgressFn | None = None,
 ) -> BenchReport:
     """Time ``models`` (paths or ``onnx_ir`` models) on each provider and batch size.
@@ -391,6 +400,7 @@ def benchmark(
             loaded, configs, n_threads=n_threads, threads_given=threads is not None, warmup=warmup, runs=runs,
             duration=duration, shapes=shapes, inputs=inputs, batch_sizes=batch_sizes, io_binding=io_binding,
             include_copies=include_copies, check_outputs=check_outputs, rtol=rtol, atol=atol, seed=seed, progress=progress,
+            spinning=spinning,
         )
     finally:
         for m in loaded:
@@ -416,7 +426,7 @@ def _check_trt_int8(models: list[_Model], config: ProviderConfig) -> None:
 
 
 def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, threads_given, warmup, runs, duration, shapes,
-         inputs, batch_sizes, io_binding, include_copies, check_outputs, rtol, atol, seed, progress) -> BenchReport:
+         inputs, batch_sizes, io_binding, include_copies, check_outputs, rtol, atol, seed, progress, spinning) -> BenchReport:
     generated = inputs is None
     if generated:
         base_feeds = make_sample_inputs(loaded[0].model, shapes, seed=seed)
@@ -445,7 +455,7 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
         use_binding = io_binding if io_binding is not None else config.device != "cpu"
         for batch, feeds in settings_list:
             _bench_setting(
-                loaded, config, batch, feeds, n_threads=n_threads, warmup=warmup, runs=runs, duration=duration,
+                loaded, config, batch, feeds, n_threads=n_threads, spinning=spinning, warmup=warmup, runs=runs, duration=duration,
                 io_binding=use_binding, include_copies=include_copies, check_outputs=check_outputs, rtol=rtol, atol=atol,
                 seed=seed, progress=progress, results=results, comparisons=comparisons, samples=samples,
             )
@@ -457,6 +467,7 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
             "inter_op": 1,
             "execution_mode": "sequential",
             "source": "--threads" if threads_given else "physical cores",
+            "spinning": spinning,
         },
         "warmup": warmup,
         "runs": runs,
@@ -485,7 +496,7 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
     )
 
 
-def _bench_setting(loaded, config, batch, feeds, *, n_threads, warmup, runs, duration, io_binding, include_copies,
+def _bench_setting(loaded, config, batch, feeds, *, n_threads, spinning, warmup, runs, duration, io_binding, include_copies,
                    check_outputs, rtol, atol, seed, progress, results, comparisons, samples) -> None:
     what = f"{config.short} batch {batch}"
     runners: list[_Runner] = []
@@ -501,7 +512,7 @@ def _bench_setting(loaded, config, batch, feeds, *, n_threads, warmup, runs, dur
             providers, provider_options = config.session_args()
             t0 = time.perf_counter_ns()
             try:
-                sess = ort.InferenceSession(src, session_options(n_threads), providers=providers, provider_options=provider_options)
+                sess = ort.InferenceSession(src, session_options(n_threads, spinning=spinning), providers=providers, provider_options=provider_options)
             except Exception as e:
                 raise OnnxoptError(f"{m.label}: onnxruntime cannot create a {config.short} session: {_first_line(e)}") from None
             init_ms = (time.perf_counter_ns() - t0) / 1e6

@@ -128,7 +128,8 @@ class BenchReport:
             )
         th = self.settings["threads"]
         t.caption = (
-            f"threads: intra-op {th['intra_op']} ({th['source']}), inter-op {th['inter_op']}, {th['execution_mode']}; "
+            f"threads: intra-op {th['intra_op']} ({th['source']}), inter-op {th['inter_op']}, {th['execution_mode']}"
+            f"{'' if th.get('spinning', True) else ', no spinning'}; "
             f"warm-up {self.settings['warmup']} runs; first run and session init not in the statistics"
             + ("; interleaved rounds; speedup = median of paired per-round ratios, bootstrap 95% interval" if self.comparisons else "")
         )
