@@ -439,3 +439,19 @@ def test_threads_and_spinning_are_set_and_recorded(tmp_path, capsys, mlp):
     assert (so.intra_op_num_threads, so.inter_op_num_threads) == (3, 1)
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_model_that_fails_at_run_time_is_one_line(tmp_path, capsys):
+    # Declares a dynamic batch but reshapes to a fixed [1, 64]: an export bug users do hit.
+    shape = numpy_helper.from_array(np.array([1, 64], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "fixed_inside",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    line = _one_line_error(capsys, ["bench", str(tmp_path / "m.onnx"), "--batch-sizes", "4", "--runs", "2"],
+                           contains="m.onnx: onnxruntime failed to run it at batch 4")
+    assert "Reshape" in line or "reshape" in line.lower()

@@ -194,7 +194,7 @@ def session_options(threads: int, *, spinning: bool = True) -> ort.SessionOption
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: run errors become one OnnxoptError line, not ORT log spam
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
