@@ -187,7 +187,7 @@ def collect_stats(
         return {}
     absmax_set, mean_set = set(channel_absmax_for), set(mean_for)
     tracked = _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs, absmax_set, mean_set)
-    inferred: dict[str, ir.Value] = {}
+    inferred: dict[str, _Inferred] = {}
     if any(t.kind == "output" for t in tracked.values()):
         # Exported models often carry no value_info: types (which tensors can be reduced
         # inside ORT) and sizes (grouping) come from inference at the first feed's shapes.
@@ -302,35 +302,65 @@ def _in_subgraph(model: ir.Model, name: str) -> bool:
     return False
 
 
-def _infer_values(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, ir.Value]:
-    """Node outputs of a clone after shape/type inference at the feed's concrete shapes."""
-    from onnx_ir.passes.common import ShapeInferencePass
+@dataclasses.dataclass
+class _Inferred:
+    dtype: ir.DataType | None
+    dims: tuple[int | None, ...] | None
+
+
+def _infer_values(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, _Inferred]:
+    """Types and shapes of node outputs, inferred at the feed's concrete input shapes.
+
+    ONNX shape inference runs on a clone whose large initializers are held back (onnx-ir's
+    ``call_onnx_api``, so a >2 GB model never becomes one protobuf); the result is read
+    straight from the inferred proto's value_info (4x faster than merging it back into an IR).
+    """
+    import onnx
 
     clone = model.clone()
     for v in clone.graph.inputs:
         if v.name in feed:
             v.shape = ir.Shape(list(np.shape(feed[v.name])))
+
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+
+    out: dict[str, _Inferred] = {}
     try:
-        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
-    except Exception:  # noqa: BLE001 - estimates only; fall back to declared shapes
-        pass
-    return {v.name: v for node in clone.graph for v in node.outputs if v.name}
+        from onnx_ir.passes.common._c_api_utils import call_onnx_api
+
+        proto = call_onnx_api(infer, clone)
+    except Exception:  # noqa: BLE001 - estimates only: fall back to what the model declares
+        proto = None
+    infos = list(proto.graph.value_info) + list(proto.graph.output) if proto is not None else []
+    for vi in infos:
+        tt = vi.type.tensor_type
+        dtype = ir.DataType(tt.elem_type) if tt.elem_type else None
+        dims = None
+        if tt.HasField("shape"):
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        out[vi.name] = _Inferred(dtype, dims)
+    for node in model.graph:
+        for v in node.outputs:
+            if v.name and v.name not in out:
+                dims = None if v.shape is None else tuple(d if isinstance(d, int) and d >= 0 else None for d in v.shape)
+                out[v.name] = _Inferred(v.dtype, dims)
+    return out
 
 
-def _estimate_bytes(values: Mapping[str, ir.Value], outputs: list[_Tracked]) -> None:
+def _estimate_bytes(values: Mapping[str, _Inferred], outputs: list[_Tracked]) -> None:
     """Bytes per batch of each output (unknown: as large as the largest known one)."""
     known = []
     for t in outputs:
         v = values.get(t.name)
         size = None
-        if v is not None and v.shape is not None and v.dtype is not None:
-            dims = list(v.shape)
-            if all(isinstance(d, int) and d >= 0 for d in dims):
-                try:
-                    itemsize = v.dtype.itemsize
-                except Exception:  # noqa: BLE001 - sub-byte / odd types
-                    itemsize = 4
-                size = int(math.prod(dims)) * max(int(itemsize), 1)
+        if v is not None and v.dims is not None and all(d is not None for d in v.dims):
+            dtype = t.dtype or v.dtype
+            try:
+                itemsize = dtype.itemsize if dtype is not None else 4
+            except Exception:  # noqa: BLE001 - sub-byte / odd types
+                itemsize = 4
+            size = int(math.prod(v.dims)) * max(int(itemsize), 1)  # type: ignore[arg-type]
         t.est_bytes = -1 if size is None else size
         if size is not None:
             known.append(size)

@@ -548,6 +548,7 @@ class CalibrationData:
         self._source = source
         self._samples = samples
         self._known_len: int | None = None
+        self._first: Feed | None = None
         self._inputs = {v.name: v for v in model_inputs(model)}
         self._model = model
         self.is_random = source.is_random
@@ -599,10 +600,14 @@ class CalibrationData:
         return n
 
     def first(self) -> Feed:
-        """The first feed (validated)."""
-        for feed in self:
-            return feed
-        raise OnnxoptError(f"{self.description}: no samples")
+        """The first feed (validated; kept, so asking again costs nothing)."""
+        if self._first is None:
+            for feed in self:
+                self._first = feed
+                break
+            else:
+                raise OnnxoptError(f"{self.description}: no samples")
+        return self._first
 
     def close(self) -> None:
         """Remove any temporary cache now (it is also removed when the object goes away)."""
