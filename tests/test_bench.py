@@ -226,12 +226,12 @@ def test_duration_mode(mlp):
 
 # --- the timed call --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("io_binding", [False, True])
-def test_runner_outputs_match_session_run(mlp, io_binding):
+@pytest.mark.parametrize("io_binding, include_copies", [(False, False), (True, False), (True, True)])
+def test_runner_outputs_match_session_run(mlp, io_binding, include_copies):
     x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
     sess = ort.InferenceSession(mlp, session_options(1), providers=["CPUExecutionProvider"])
     expected = sess.run(None, {"x": x})[0]
-    runner = _Runner(sess, {"x": x}, make_provider_config("cpu"), io_binding=io_binding, include_copies=False)
+    runner = _Runner(sess, {"x": x}, make_provider_config("cpu"), io_binding=io_binding, include_copies=include_copies)
     _, outs = runner.first_run()
     np.testing.assert_array_equal(outs["y"], expected)
     for _ in range(3):

@@ -222,8 +222,8 @@ class _Runner:
         for name, arr in feeds.items():
             arr = np.ascontiguousarray(arr)
             self._keep.append(arr)
-            if include_copies and device != "cpu":
-                io.bind_cpu_input(name, arr)  # copied host -> device inside every run
+            if include_copies:
+                io.bind_cpu_input(name, arr)  # host memory: copied to the device inside every run
             else:
                 ov = ort.OrtValue.ortvalue_from_numpy(arr, device, device_id)
                 self._keep.append(ov)
