@@ -214,7 +214,7 @@ def test_conv_bias_not_fused():
 def test_input_bias_into_unpadded_conv(pads, fuses):
     m = model([helper.make_node("Add", ["x", "k"], ["a"]), helper.make_node("Conv", ["a", "W", "B"], ["y"], group=2, pads=pads)],
               X4, [("y", F, None)], {"W": rand(6, 2, 3, 3), "B": rand(6), "k": rand(1, 4, 1, 1)})
-    out = run_passes(m, "fuse-conv-bias")
+    out = run_passes(m, "fuse-conv-input-bias")
     assert ops(out) == (["Conv"] if fuses else ["Add", "Conv"])
     assert_same(m, out, {"x": rand(1, 4, 8, 8)})
 

@@ -1,6 +1,6 @@
 """Bias fusions: ``fuse-conv-bias`` and ``fuse-matmul-add``.
 
-``fuse-conv-bias`` has two rewrites that land a constant addend in a Conv-like op's bias:
+``fuse-conv-bias`` (1) and ``fuse-conv-input-bias`` (2) land a constant addend in a Conv-like op's bias:
 
 1. After the op::
 
@@ -103,16 +103,14 @@ def per_channel(const: np.ndarray, op: ir.Node) -> np.ndarray | None:
 
 @register_pass(
     "fuse-conv-bias",
-    "Fold a per-channel constant Add/Sub after Conv/ConvTranspose/Gemm (or before an unpadded Conv) into the bias",
-    preset_order=310,
+    "Fold a per-channel constant Add/Sub after Conv/ConvTranspose/Gemm into the bias",
+    preset_order=315,
 )
 class FuseConvBiasPass(NodeRewritePass):
     __doc__ = __doc__
-    op_types = frozenset({"Add", "Sub", "Conv"})
+    op_types = frozenset({"Add", "Sub"})
 
     def rewrite(self, graph, node: ir.Node) -> bool:
-        if node.op_type == "Conv":
-            return self._input_bias(node)
         split = split_const_operand(node, commutative=node.op_type == "Add")
         if split is None:
             return False
@@ -133,6 +131,25 @@ class FuseConvBiasPass(NodeRewritePass):
         take_over(self.names, y, x)
         remove_nodes(node)
         return True
+
+
+
+@register_pass(
+    "fuse-conv-input-bias",
+    "Fold a per-channel constant Add before an unpadded Conv into its bias",
+    preset_order=305,
+)
+class FuseConvInputBiasPass(NodeRewritePass):
+    """Rewrite 2 of the bias fusions (see the module docstring): ``Conv(X + c) -> Conv(X)`` with ``b' = b + W * c``.
+
+    It runs before fuse-scale, so a constant Mul left in front of the Conv folds into the
+    weights in the same pipeline round.
+    """
+
+    op_types = frozenset({"Conv"})
+
+    def rewrite(self, graph, conv: ir.Node) -> bool:
+        return self._input_bias(conv)
 
     def _input_bias(self, conv: ir.Node) -> bool:
         if len(conv.inputs) < 2 or conv.inputs[0] is None:

@@ -79,7 +79,7 @@ def _factor(node: ir.Node, c: np.ndarray) -> np.ndarray | None:
 @register_pass(
     "fuse-scale",
     "Fold constant Mul/Div (scalar or per-channel) into Conv/ConvTranspose/Gemm/MatMul weights; merge constant Mul/Div chains",
-    preset_order=330,
+    preset_order=310,
 )
 class FuseScalePass(NodeRewritePass):
     __doc__ = __doc__
