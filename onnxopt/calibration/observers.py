@@ -446,31 +446,34 @@ def _kl_threshold(hist: np.ndarray, levels: int, max_candidates: int) -> int:
     if n <= levels:
         return n
     hist = hist.astype(np.float64)
-    suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # suffix[i] = sum(hist[i:])
+    nonzero = (hist > 0).astype(np.float64)
+    csum = np.concatenate([[0.0], np.cumsum(hist)])  # per-level sums in O(levels) per candidate
+    cnz = np.concatenate([[0.0], np.cumsum(nonzero)])
+    total = csum[-1]
     step = max(1, (n - levels) // max_candidates)
     candidates = list(range(levels, n + 1, step))
     if candidates[-1] != n:
         candidates.append(n)
+    lev = np.arange(levels + 1, dtype=np.int64)
     best_i, best_kl = n, math.inf
     for i in candidates:
+        # Bins j with j*levels//i == l form level l: j in [ceil(l*i/levels), ceil((l+1)*i/levels)).
+        bounds = -((-lev * i) // levels)
+        mass = csum[bounds[1:]] - csum[bounds[:-1]]
+        used = cnz[bounds[1:]] - cnz[bounds[:-1]]
+        per_bin = np.repeat(mass / np.maximum(used, 1.0), np.diff(bounds))
+        q = per_bin * nonzero[:i]  # each level's mass spread evenly over its non-empty bins
         p = hist[:i].copy()
-        p[i - 1] += suffix[i]
-        nonzero = p > 0
-        # Merge the i bins into `levels` groups (bin j -> level j*levels//i), then spread
-        # each level's mass back evenly over its non-empty source bins.
-        level = (np.arange(i) * levels) // i
-        mass = np.bincount(level, weights=hist[:i], minlength=levels)
-        used = np.bincount(level, weights=(hist[:i] > 0).astype(np.float64), minlength=levels)
-        q = np.where(hist[:i] > 0, mass[level] / np.maximum(used[level], 1.0), 0.0)
-        ps, qs = p.sum(), q.sum()
-        if ps <= 0 or qs <= 0:
+        p[i - 1] += total - csum[i]  # everything beyond the threshold is clipped into the last bin
+        keep = p > 0
+        ps, qs = total, q.sum()
+        if qs <= 0:
             continue
-        p_n = p[nonzero] / ps
-        q_n = q[nonzero] / qs
-        # A bin with p > 0 and q == 0 (the folded outliers land in an empty source bin):
+        p_n = p[keep] / ps
+        # A bin with p > 0 and q == 0 (clipped mass landing in an empty source bin):
         # TensorRT smooths; a small epsilon does the same job.
-        q_n = np.maximum(q_n, 1e-12)
-        kl = float(np.sum(p_n * np.log(p_n / q_n)))
+        q_n = np.maximum(q[keep] / qs, 1e-12)
+        kl = float(np.dot(p_n, np.log(p_n / q_n)))
         if kl < best_kl:
             best_kl, best_i = kl, i
     return best_i
