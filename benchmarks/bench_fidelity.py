@@ -10,9 +10,12 @@ plain, harness, ...) so machine drift hits both alike:
   ``t = perf_counter(); sess.run(None, feeds); times.append(perf_counter() - t)``.
 
 Target: the harness's p50 is within 5% of the plain loop's (p50 over all runs of each
-method; the per-round ratios are printed too, to show how much the machine moved). A second table repeats this on a one-node model (Identity on
-a tiny tensor), where a run costs microseconds, so any per-run overhead of the
-harness shows up in absolute terms.
+method; the per-round ratios are printed too, to show how much the machine moved).
+
+An A/A table times the det model against itself through the harness's interleaved
+comparison (its speedup interval should contain 1). A last table repeats the fidelity
+check on a one-node model (Identity on a tiny tensor), where a run costs microseconds,
+so any per-run overhead of the harness shows up in absolute terms.
 
     python benchmarks/bench_fidelity.py                 # PP-OCRv4 det, 640x640, CPU
     python benchmarks/bench_fidelity.py --rounds 8 --runs 40
@@ -114,6 +117,23 @@ def compare(title: str, path: str, feeds, *, rounds: int, runs: int, warmup: int
     return table, h / p
 
 
+def aa_check(path: str, feeds, *, runs: int, warmup: int, threads: int):
+    """The same model twice through onnxopt bench: the speedup's interval should hold 1.0."""
+    report = benchmark([path, path], inputs=feeds, runs=runs, warmup=warmup, threads=threads)
+    table = Table(title="A/A: the det model against itself, interleaved (no difference to find)")
+    for col in ("model", "p50 (ms)", "p90 (ms)", "speedup vs first [95% CI]"):
+        table.add_column(col, justify="right")
+    comp = report.comparisons[0]
+    for r in report.results:
+        lat = r["latency_ms"]
+        speed = "baseline" if r["model"] == comp["baseline"] else (
+            f"{comp['speedup']:.3f}x [{comp['speedup_interval'][0]:.3f}, {comp['speedup_interval'][1]:.3f}]")
+        table.add_row(r["model"], f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", speed)
+    lo, hi = comp["speedup_interval"]
+    table.caption = f"{runs} interleaved rounds; interval {'contains' if lo <= 1 <= hi else 'EXCLUDES'} 1.0"
+    return table
+
+
 def loadavg() -> str:
     """Other processes on the machine are the main source of noise here: say how busy it was."""
     try:
@@ -132,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     ap.add_argument("--tiny-runs", type=int, default=2000)
     ap.add_argument("--skip-tiny", action="store_true", help="only the det comparison")
+    ap.add_argument("--aa-runs", type=int, default=40, help="rounds of the det A/A check (0: skip it)")
     args = ap.parse_args(argv)
     threads = args.threads or physical_cores()
     console = Console()
@@ -146,6 +167,8 @@ def main(argv=None) -> int:
     )
     console.print(table)
     console.print(f"load average after the det rounds: {loadavg()}")
+    if args.aa_runs:
+        console.print(aa_check(path, feeds, runs=args.aa_runs, warmup=args.warmup, threads=threads))
     tratio = float("nan")
     with tempfile.TemporaryDirectory() as tmp:
         if args.skip_tiny:
