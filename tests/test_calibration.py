@@ -689,3 +689,18 @@ def test_minmax_reduction_path_catches_nan(cls_model, cls_feeds, cls_all_tensors
         a, b = mm[name], ref[name]
         assert (a.finite, a.nonfinite_count, a.count) == (b.finite, b.nonfinite_count, b.count), name
         assert (a.min, a.max) == pytest.approx(b.observer.core_range(), rel=1e-5, abs=1e-6), name
+
+
+def test_samples_limit_never_pulls_more(cls_model, cls_feeds):
+    class Reader:
+        def __init__(self):
+            self.calls = 0
+
+        def get_next(self):
+            self.calls += 1
+            return dict(cls_feeds[self.calls % len(cls_feeds)])
+
+    reader = Reader()  # endless, no rewind
+    data = load_calibration_data(reader, cls_model, samples=5)
+    assert len(data) == 5 and len(list(data)) == 5 and len(list(data)) == 5
+    assert reader.calls == 5

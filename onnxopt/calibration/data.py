@@ -24,6 +24,7 @@ the data is loaded, so a wrong file fails in a second, not after the first calib
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import pathlib
 import re
@@ -563,9 +564,10 @@ class CalibrationData:
 
     def __iter__(self) -> Iterator[Feed]:
         n = 0
-        for label, feed in self._source.open():
-            if self._samples is not None and n >= self._samples:
-                break
+        stream = self._source.open()
+        if self._samples is not None:
+            stream = itertools.islice(stream, self._samples)  # never pulls sample N+1
+        for label, feed in stream:
             yield self._check(label, feed)
             n += 1
         self._known_len = n  # a complete pass: the length is known from now on
