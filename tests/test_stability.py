@@ -65,3 +65,30 @@ def test_optimize_is_deterministic(name, tmp_path):
     optimize_file(src, a)
     optimize_file(src, b)
     assert hashlib.sha256(a.read_bytes()).hexdigest() == hashlib.sha256(b.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "name, shapes",
+    [
+        ("det", [(1, 3, 96, 160), (2, 3, 128, 64)]),
+        ("rec", [(1, 3, 48, 320), (3, 3, 48, 96)]),
+        ("cls", [(3, 3, 48, 192)]),
+    ],
+)
+def test_dynamic_dims_stay_dynamic(name, shapes, tmp_path):
+    """Verification uses one sample size; the result must still be right at others."""
+    import numpy as np
+
+    from onnxopt.inputs import model_inputs
+    from onnxopt.verify import compare_outputs, run_model
+
+    src = real_model(name)
+    out = tmp_path / "opt.onnx"
+    optimize_file(src, out)
+    original, optimized = load_model(src), load_model(out)
+    assert [str(v.shape) for v in model_inputs(optimized)] == [str(v.shape) for v in model_inputs(original)]
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        feeds = {"x": rng.uniform(-1, 1, shape).astype(np.float32)}
+        diffs = compare_outputs(run_model(original, feeds), run_model(optimized, feeds), rtol=1e-3, atol=1e-4)
+        assert all(d.within for d in diffs), (shape, [d.as_dict() for d in diffs if not d.within])
