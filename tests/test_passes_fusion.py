@@ -474,3 +474,21 @@ def test_scale_keeps_the_gelu_pattern_for_onnxruntime():
     out = run_passes(m, "fuse-scale")
     assert op_histogram(out) == op_histogram(m)
     assert_same(m, out, {"x": rand(3, 16)})
+
+
+def test_batchnorm_inside_a_local_function():
+    # Functions have no initializers: the weights are Constant nodes and stay Constant nodes.
+    w, p = rand(4, 4, 1, 1), bn_inits(4)
+    consts = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in {"W": w, **p}.items()]
+    fn = helper.make_function("local", "ConvBn", ["x"], ["y"],
+                              consts + [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")],
+                              [helper.make_opsetid("", 17)])
+    g = helper.make_graph([helper.make_node("ConvBn", ["x"], ["y"], domain="local")], "g",
+                          [helper.make_tensor_value_info("x", F, ["N", 4, 8, 8])], [helper.make_tensor_value_info("y", F, ["N", 4, 8, 8])])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[fn])
+    proto.ir_version = 8
+    m = ir.serde.deserialize_model(proto)
+    out = run_passes(m, "fuse-batchnorm")
+    fn_ops = [n.op_type for n in next(iter(out.functions.values()))]
+    assert "BatchNormalization" not in fn_ops and fn_ops.count("Conv") == 1
+    assert_same(m, out, {"x": rand(1, 4, 8, 8)})

@@ -131,7 +131,7 @@ def make_const(names: Names, anchor: ir.Node, array: np.ndarray, name_hint: str)
     graph = anchor.graph
     array = np.ascontiguousarray(array)
     name = names.new(f"{name_hint}_fused")
-    if isinstance(graph, ir.Graph):
+    if isinstance(graph, ir.Graph) and not names.in_function(graph):
         value = ir.Value(
             name=name,
             shape=ir.Shape(array.shape),
@@ -157,6 +157,17 @@ class Names:
     def __init__(self, model: ir.Model):
         self._model = model
         self._taken: set[str] | None = None  # collected on first use: most sweeps rewrite nothing
+        self._function_graphs: set[int] | None = None
+
+    def in_function(self, graph: ir.Graph) -> bool:
+        """Whether ``graph`` is a function body (or a subgraph in one): no initializers there."""
+        if self._function_graphs is None:
+            ids: set[int] = set()
+            for func in self._model.functions.values():
+                ids.add(id(func.graph))
+                ids.update(id(g) for g in func.graph.subgraphs())
+            self._function_graphs = ids
+        return id(graph) in self._function_graphs
 
     def _collect(self) -> set[str]:
         names: set[str] = set()
