@@ -40,6 +40,8 @@ def load_plugin(spec: str) -> list[str]:
                 raise OnnxoptError(f"plugin {spec!r}: no such file")
             name = "onnxopt_plugin_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(spec))[0])
             mod_spec = importlib.util.spec_from_file_location(name, spec)
+            if mod_spec is None or mod_spec.loader is None:
+                raise OnnxoptError(f"plugin {spec!r}: not a Python file (expected a .py module)")
             module = importlib.util.module_from_spec(mod_spec)
             sys.modules[name] = module
             mod_spec.loader.exec_module(module)

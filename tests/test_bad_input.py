@@ -180,6 +180,7 @@ def test_bad_inputs_files(dirs, good_model, capsys):
         (["--passes", ","], ("no passes",)),
         (["--preset", "nope"], ("nope",)),
         (["--plugin", "no_such_plugin_module"], ("no_such_plugin_module",)),
+        (["--plugin", "NOT_PYTHON"], ("not a python file",)),
         (["--rtol", "-1"], ("tolerance",)),
         (["--rtol", "abc"], ("rtol",)),
         (["--json", "MISSING_DIR/stats.json"], ("does not exist",)),
@@ -189,6 +190,9 @@ def test_bad_optimize_options(extra, mentions, dirs, good_model, capsys):
     src, dst = dirs
     out = dst / "o.onnx"
     extra = [str(dst / "nodir" / "stats.json") if e == "MISSING_DIR/stats.json" else e for e in extra]
+    if "NOT_PYTHON" in extra:
+        (src / "plugin.txt").write_text("not python")
+        extra = [str(src / "plugin.txt") if e == "NOT_PYTHON" else e for e in extra]
     before = _snapshot(src)
     rc, _, err = run_cli(["optimize", good_model, "-o", out, *extra], capsys)
     assert_clean_failure(rc, err, mentions=mentions, out_dir=dst, output=out)
