@@ -109,6 +109,13 @@ def _save_for_session(model: ir.Model, folder: str, path: str) -> None:
     release_mappings(model)
 
 
+def _is_empty(value) -> bool:
+    try:
+        return np.size(value) == 0
+    except Exception:  # sequences of arrays with different shapes, maps
+        return False
+
+
 def _save_skeleton(model: ir.Model, folder: str, path: str) -> None:
     """Write ``model`` with every tensor over 1 KiB pointing into a sparse placeholder file."""
     values = [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
@@ -271,6 +278,12 @@ class Verifier:
             raise VerificationError(f"the original model does not run in ONNX Runtime: {_first_line(e)}") from None
         finally:
             sess.close()
+        if reference and all(_is_empty(v) for ref in reference for v in ref.values()):
+            # Comparing empty outputs proves nothing: a broken pass would pass the check.
+            raise VerificationError(
+                "every output is empty on the sample inputs, so results cannot be verified; "
+                "give non-zero sizes with --shape (or --no-verify)"
+            )
         return cls([dict(f) for f in feeds], reference, rtol, atol)
 
     def verify(self, model: ir.Model) -> None:

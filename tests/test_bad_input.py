@@ -176,6 +176,7 @@ def test_bad_inputs_files(dirs, good_model, capsys):
         (["--shape", "x:2x4x5"], ("rank",)),
         (["--shape", "x:1099511627776x4"], ("too large",)),
         (["--shape", "x:-1x4"], ("negative",)),
+        (["--shape", "x:0x4"], ("empty",)),
         (["--passes", "no-such-pass"], ("no-such-pass",)),
         (["--passes", ","], ("no passes",)),
         (["--preset", "nope"], ("nope",)),
