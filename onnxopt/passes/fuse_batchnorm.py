@@ -45,6 +45,7 @@ from onnxopt.passes._fusion_util import (
     has_ref_attributes,
     is_float_array,
     known_rank,
+    make_const,
     owned,
     remove_nodes,
     set_const_input,
@@ -213,6 +214,8 @@ class FuseBatchNormPass(NodeRewritePass):
         return False
 
     def _matmul(self, graph, mm: ir.Node, bn: ir.Node, f: np.ndarray, shift: np.ndarray) -> bool:
+        if (self.opset(graph) or 0) < 7 or len(mm.inputs) != 2:
+            return False  # Gemm broadcasts C one way only from opset 7
         a, w_val = mm.inputs
         w = const_array(w_val)
         # Only when the BN channel axis (1) is the MatMul's output axis: A and the output 2-D.
@@ -224,15 +227,9 @@ class FuseBatchNormPass(NodeRewritePass):
             return False
         new_w = (w.astype(np.float64) * f.reshape(1, -1)).astype(w.dtype)
         set_const_input(self.names, mm, 1, new_w)
-        bias = _const_value(self.names, mm, shift.astype(w.dtype), f"{w_val.name}_bias")
+        bias = make_const(self.names, mm, shift.astype(w.dtype), f"{w_val.name}_bias")
         gemm = ir.node("Gemm", [a, mm.inputs[1], bias], name=mm.name, outputs=[ir.Value(name=self.names.new(f"{mm.outputs[0].name}_gemm"))])
         graph.insert_after(bn, gemm)
         take_over(self.names, bn.outputs[0], gemm.outputs[0])
         remove_nodes(bn, mm)
         return True
-
-
-def _const_value(names, anchor: ir.Node, array: np.ndarray, hint: str) -> ir.Value:
-    from onnxopt.passes._fusion_util import make_const
-
-    return make_const(names, anchor, array, hint)
