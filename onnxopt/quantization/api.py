@@ -168,12 +168,15 @@ def quantize(
 
     ``calib``: anything ``onnxopt.calibration.load_calibration_data`` accepts (folder of .npz
     or images, one .npz, iterable of feed dicts, a CalibrationDataReader). ``max_drop``: the
-    largest allowed ``1 - mean cosine`` between fp32 and int8 outputs on held-out calibration
-    samples; the most sensitive layers go back to float until it holds. ``report``: a JSON
-    path for the report (also returned as ``QuantizeResult.report``). ``smoothquant``:
-    "auto" (currently off: it
-    lowered MiniLM's accuracy, see the comment in the code), True/"on", False/"off". ``sensitivity``: compute per-layer
-    SQNR (default: when ``report`` or ``max_drop`` is given).
+    largest allowed ``1 - cosine`` between fp32 and int8 outputs (each output pooled over the
+    held-out calibration samples); the layers that hurt most go back to float until it holds. ``report``: a JSON
+    path for the report (also returned as ``QuantizeResult.report``). ``smoothquant``: "auto"
+    (currently off: it lowered MiniLM's accuracy, see the comment in the code), True/"on",
+    False/"off". ``sensitivity``: compute per-layer SQNR (default: when ``report`` or
+    ``max_drop`` is given). ``holdout``: how many of the last calibration samples are kept
+    out of calibration to measure the drop (default: a fifth, at most 16).
+    ``float_transforms`` / ``weight_transforms``: hooks, see /work/notes/quant_interface.md
+    and :class:`QuantContext`.
     """
     from onnxopt.calibration import collect_stats, load_calibration_data
     from onnxopt.optimize import optimize
@@ -285,14 +288,15 @@ def quantize(
                 layer.absorbed_activation = None
             else:
                 lo, hi = stats[layer.out_range_tensor].min, stats[layer.out_range_tensor].max
-                if layer.absorbed_activation:
+                if layer.absorbed_activation:  # Relu / Clip(0, c): the Q's range starts at 0
                     cmax = analysis.clip_max(model, layer.absorbed_activation)
                     lo, hi = 0.0, (min(hi, cmax) if cmax is not None else hi)
-                    if lo != 0.0 or stats[layer.out_range_tensor].min < 0:
-                        lo = 0.0
                 ranges[layer.out_range_tensor] = (lo, hi)
         usable.append(layer)
     layers = usable
+    if not layers:
+        raise OnnxoptError("nothing to quantize: every candidate layer's input range is unusable "
+                           "(see the reasons with --report)")
 
     def build(selected: list, ctx_: QuantContext | None = None):
         qmodel, qlayers = build_qdq(model, selected, ranges, scheme)
