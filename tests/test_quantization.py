@@ -143,6 +143,9 @@ def test_cls_opset11_per_channel(cls_model):
               if n.inputs[0].is_initializer() and n.inputs[0].const_value.dtype == ir.DataType.INT32]
     assert biases  # int32 bias with scale = input scale * weight scale
     assert fused_kernels(model).get("QLinearConv", 0) >= 50
+    # Each activation is quantized once: no Q reads a DQ (an absorbed Relu's consumer reuses it).
+    for q in _qdq_nodes(model, "QuantizeLinear"):
+        assert q.inputs[0].producer() is None or q.inputs[0].producer().op_type != "DequantizeLinear"
     ref_model = ir.load(str(path))
     for feed in evals:
         a = run_model(ref_model, feed)

@@ -86,10 +86,13 @@ def build_qdq(
     taken = set(values) | set(graph.initializers)
     new_nodes: list[ir.Node] = []
     dq_of: dict[str, tuple[ir.Value, float, int]] = {}  # activation -> (DQ output, scale, zp)
+    made: dict[str, tuple[ir.Value, float, int]] = {}  # DQ output name -> the same
 
     def qdq(tensor: ir.Value, range_name: str) -> tuple[ir.Value, float, int]:
         if tensor.name in dq_of:
             return dq_of[tensor.name]
+        if tensor.name in made:  # already the DQ of a quantized Conv output (absorbed Relu)
+            return made[tensor.name]
         lo, hi = ranges[range_name]
         scale, zp = activation_qparams(lo, hi, scheme)
         base = tensor.name
@@ -102,7 +105,7 @@ def build_qdq(
         dq.outputs[0].dtype = tensor.dtype
         dq.outputs[0].shape = tensor.shape
         new_nodes.extend([q, dq])
-        dq_of[tensor.name] = (dq.outputs[0], float(scale), int(zp))
+        dq_of[tensor.name] = made[dq.outputs[0].name] = (dq.outputs[0], float(scale), int(zp))
         return dq_of[tensor.name]
 
     weight_dq: dict[str, tuple[ir.Value, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
