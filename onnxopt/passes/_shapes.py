@@ -178,10 +178,35 @@ def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape | None]:
     return dict(result)
 
 
-def _infer(model: ir.Model, graphs: list[ir.Graph]) -> dict[ir.Value, ir.Shape | None]:
+def inference_proto(model: ir.Model) -> onnx.ModelProto | None:
+    """The proto shape inference runs on: big tensors detached, declared shapes dropped.
+
+    A caller that edits the model in simple ways (see :class:`ProtoEditor`) can keep
+    this proto in step and re-run :func:`infer_from_proto` without serializing again.
+    """
     try:
         proto = _serialize_without_big_tensors(model)
-        _strip_value_info(proto.graph)
+    except Exception as e:
+        logger.debug("cannot serialize for shape inference: %s", e)
+        return None
+    _strip_value_info(proto.graph)
+    return proto
+
+
+def _infer(model: ir.Model, graphs: list[ir.Graph]) -> dict[ir.Value, ir.Shape | None]:
+    proto = inference_proto(model)
+    if proto is None:
+        return {}
+    return infer_from_proto(model, proto, graphs)
+
+
+def infer_from_proto(
+    model: ir.Model, proto: onnx.ModelProto, graphs: list[ir.Graph] | None = None
+) -> dict[ir.Value, ir.Shape | None]:
+    """Infer on ``proto`` (which must describe ``model``) and write the results onto it."""
+    if graphs is None:
+        graphs = [model.graph, *model.graph.subgraphs()]
+    try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:  # inference is an optimisation aid; without it passes just do less
         logger.debug("shape inference failed: %s", e)
@@ -213,13 +238,72 @@ def _infer(model: ir.Model, graphs: list[ir.Graph]) -> dict[ir.Value, ir.Shape |
                     value.dtype = ir.DataType(tensor_type.elem_type)
                 if not tensor_type.HasField("shape"):
                     continue
-                shape = ir.serde.deserialize_type_proto_for_shape(type_proto)
-                if shape is None:
-                    continue
+                shape = _shape_from_proto(tensor_type.shape, value.shape)
                 result[value] = shape
-                if value not in outputs:
+                if value not in outputs and shape is not value.shape:
                     value.shape = shape
     return result
+
+
+def _shape_from_proto(shape_proto: onnx.TensorShapeProto, current: ir.Shape | None) -> ir.Shape:
+    """ir.Shape of a TensorShapeProto; returns ``current`` itself when it is the same."""
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape_proto.dim]
+    if current is not None and len(current) == len(dims):
+        same = True
+        for have, want in zip(current, dims):
+            if isinstance(want, int):
+                if have != want:
+                    same = False
+                    break
+            elif not (isinstance(have, ir.SymbolicDim) and have.value == want):
+                same = False
+                break
+        if same:
+            return current
+    return ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in dims])
+
+
+class ProtoEditor:
+    """Keeps an inference proto in step with simple edits of the model's main graph.
+
+    Folding replaces nodes by initializers and rewires an input to a new initializer;
+    mirroring those two edits on the proto lets the next inference round skip
+    serializing the whole model again. Any other edit must set ``dirty``.
+    """
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        self.dirty = False
+        self._removed: set[str] = set()
+        self._rewired: dict[str, tuple[int, str]] = {}
+
+    def add_constant(self, name: str, array) -> None:
+        graph = self.proto.graph
+        if array.nbytes > _BIG_TENSOR_BYTES:
+            graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
+        else:
+            graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+
+    def remove_node(self, first_output: str) -> None:
+        self._removed.add(first_output)
+
+    def rewire(self, first_output: str, index: int, new_name: str) -> None:
+        self._rewired[first_output] = (index, new_name)
+
+    def flush(self) -> None:
+        """Apply the node removals and rewirings recorded since the last flush."""
+        if not self._removed and not self._rewired:
+            return
+        nodes = self.proto.graph.node
+        for i in range(len(nodes) - 1, -1, -1):
+            key = nodes[i].output[0] if nodes[i].output else ""
+            if key in self._removed:
+                del nodes[i]
+            elif key in self._rewired:
+                index, new_name = self._rewired[key]
+                nodes[i].input[index] = new_name
+        self._removed.clear()
+        self._rewired.clear()
 
 
 def shape_of(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape] | None = None) -> ir.Shape | None:

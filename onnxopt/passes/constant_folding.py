@@ -53,7 +53,7 @@ import onnx
 import onnx.reference.ops
 import onnx_ir as ir
 
-from onnxopt.passes._shapes import infer_shapes, shape_of
+from onnxopt.passes._shapes import ProtoEditor, infer_from_proto, infer_shapes, inference_proto, shape_of
 from onnxopt.passes.registry import register_pass
 
 logger = logging.getLogger("onnxopt")
@@ -365,9 +365,10 @@ def evaluate_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) ->
 
 
 class _Folder:
-    def __init__(self, model: ir.Model, inferred: dict[ir.Value, ir.Shape]):
+    def __init__(self, model: ir.Model, inferred: dict[ir.Value, ir.Shape], editor: ProtoEditor | None = None):
         self.model = model
         self.inferred = inferred
+        self.editor = editor
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self.sym: dict[ir.Value, ShapeValue] = {}
         self.folded = 0
@@ -521,8 +522,21 @@ class _Folder:
         self._names.add(name)
         return name
 
+    def _mirror(self, graph, node: ir.Node) -> str | None:
+        """The node's first output name as the inference proto knows it, or None (then dirty)."""
+        if self.editor is None:
+            return None
+        first = node.outputs[0].name if node.outputs else None
+        if graph is not self.model.graph or not first or any(o.is_graph_output() for o in node.outputs):
+            self.editor.dirty = True
+            return None
+        return first
+
     def replace_with_constants(self, graph: ir.Graph | ir.Function, node: ir.Node, arrays: list[np.ndarray]) -> None:
         in_function = isinstance(graph, ir.Function)
+        mirror = self._mirror(graph, node)
+        if mirror is not None:
+            self.editor.remove_node(mirror)
         for old, array in zip(node.outputs, arrays):
             if not old.uses() and not old.is_graph_output():
                 continue  # an unused (often unnamed optional) output needs no constant
@@ -544,6 +558,8 @@ class _Folder:
             else:
                 new_value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
                 graph.register_initializer(new_value)
+                if mirror is not None:
+                    self.editor.add_constant(name, array)
             old.replace_all_uses_with(new_value, replace_graph_outputs=True)
         graph.remove(node, safe=True)
 
@@ -655,6 +671,10 @@ class _Folder:
     def set_static_target(self, graph, node: ir.Node, array: np.ndarray) -> None:
         old = node.inputs[1]
         name = self.fresh_name(f"{old.name or 'shape'}__static")
+        mirror = self._mirror(graph, node)
+        if mirror is not None:
+            self.editor.add_constant(name, array)
+            self.editor.rewire(mirror, 1, name)
         tensor = ir.tensor(array, name=name)
         if isinstance(graph, ir.Function):
             const = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", tensor)], name=self.fresh_name(name))
@@ -752,12 +772,23 @@ def fold_constants(model: ir.Model, *, max_rounds: int = 8) -> int:
     """Fold the model in place; returns the number of nodes folded.
 
     Rounds repeat while a shape fold happened, since each one can make shape
-    inference learn more static dimensions downstream.
+    inference learn more static dimensions downstream. The first round's inference
+    proto is kept in step with the folds (see ``ProtoEditor``), so later rounds do
+    not serialize the model again.
     """
     total = 0
-    for _ in range(max_rounds):
-        inferred = infer_shapes(model)
-        folder = _Folder(model, inferred)
+    editor: ProtoEditor | None = None
+    for round_ in range(max_rounds):
+        if round_ == 0:
+            inferred = infer_shapes(model)  # cached when an earlier pass already inferred
+        elif editor is not None and not editor.dirty:
+            editor.flush()
+            inferred = infer_from_proto(model, editor.proto)
+        else:
+            proto = inference_proto(model)
+            editor = ProtoEditor(proto) if proto is not None else None
+            inferred = infer_from_proto(model, proto) if proto is not None else {}
+        folder = _Folder(model, inferred, editor)
         for graph in (model.graph, *model.graph.subgraphs()):
             folder.fold_graph(graph)
         for function in model.functions.values():
