@@ -206,6 +206,7 @@ SETTINGS: dict[str, dict] = {
     "oq-cle+bc-entropy": dict(backend="onnxopt", hooks=("cle", "bc"), method="entropy"),
     "oq-cle+bc-excl-first-head": dict(backend="onnxopt", hooks=("cle", "bc"), exclude=FIRST_CONV + ("p2o.Conv.61",)),
     "oq-cle+bc-maxdrop": dict(backend="onnxopt", hooks=("cle", "bc"), max_drop=0.002),
+    "oq-cle+ebc": dict(backend="onnxopt", hooks=("cle", "ebc")),
 }
 
 
@@ -220,7 +221,10 @@ def build_onnxopt(setting: dict, calib_feeds) -> onnx.ModelProto:
 
     hooks = setting.get("hooks", ())
     float_transforms = [cross_layer_equalization] if "cle" in hooks else []
-    weight_transforms = ([gptq_weight_rounding] if "gptq" in hooks else []) + ([bias_correction] if "bc" in hooks else [])
+    from onnxopt.quantization.bias_correction import empirical_bias_correction
+
+    weight_transforms = ([gptq_weight_rounding] if "gptq" in hooks else []) + ([bias_correction] if "bc" in hooks else []) \
+        + ([empirical_bias_correction] if "ebc" in hooks else [])
     res = quantize(
         str(ppocr_model("det")),
         calib_feeds,
@@ -261,6 +265,43 @@ def build(setting: dict, calib_feeds, float_cache: dict) -> onnx.ModelProto:
     return q
 
 
+def noise_floor(evals, ref) -> list[dict]:
+    """How much the fp32 detector's masks move under perturbations far smaller than int8:
+    sub-grey-level input noise, fp16 weights, 10/12-bit per-channel weights.  A target
+    below these is below the model's own noise floor on these images."""
+    from onnxopt.quantization.bias_correction import quantize_weight
+
+    base = prepare_float("none")
+
+    def with_weights(fn):
+        m = onnx.ModelProto()
+        m.CopyFrom(base)
+        inits = {t.name: t for t in m.graph.initializer}
+        for n in m.graph.node:
+            if n.op_type == "Conv":
+                t = inits[n.input[1]]
+                t.CopyFrom(onnx.numpy_helper.from_array(fn(onnx.numpy_helper.to_array(t)), t.name))
+        return m
+
+    rng = np.random.default_rng(0)
+    noisy = [{"x": (f["x"] + rng.normal(0, 1 / 255, f["x"].shape)).astype(np.float32)} for f in evals]
+    cases = [
+        ("fp32, input + N(0, 1/255) noise (half a grey level)", maps(base, noisy)),
+        ("fp16-rounded conv weights", maps(with_weights(lambda w: w.astype(np.float16).astype(np.float32)), evals)),
+        ("12-bit per-channel conv weights", maps(with_weights(lambda w: quantize_weight(w, 0, bits=12)), evals)),
+        ("10-bit per-channel conv weights", maps(with_weights(lambda w: quantize_weight(w, 0, bits=10)), evals)),
+        ("8-bit per-channel conv weights (RTN), fp32 activations", maps(with_weights(lambda w: quantize_weight(w, 0)), evals)),
+    ]
+    rows = []
+    for label, out in cases:
+        iou = det_mask_iou(ref, out)
+        rows.append({"setting": label, "pooled_iou": iou["mean_iou"], "min_iou": iou["min_iou"],
+                     "per_image_iou": iou["per_image_iou"]})
+        print(f"  floor: {label:58s} pooled {iou['mean_iou']:.4f}  min {iou['min_iou']:.4f}  per image "
+              + " ".join(f"{v:.2f}" for v in iou["per_image_iou"]), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
@@ -269,6 +310,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=640)
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--save", help="folder to save each int8 model in")
+    ap.add_argument("--noise-floor", action="store_true", help="first measure the fp32 model's own noise floor")
     args = ap.parse_args(argv)
 
     calib = [{"x": det_preprocess(img, args.size)} for _, img in images("calib", args.calib)]
@@ -279,8 +321,13 @@ def main(argv=None) -> int:
     timing_feed = evals[[n for n, _ in images("eval")].index("page.png")]
 
     rows, cache = [], {}
+    print("eval images: " + " ".join(n for n, _ in images("eval")))
+    if args.noise_floor:
+        rows += noise_floor(evals, ref)
+    if not args.settings:
+        return 0
     print(f"{'setting':28s} {'pooled IoU':>10s} {'min IoU':>8s} {'speedup':>8s} {'(p25-p75)':>12s} {'fp32 ms':>8s} {'int8 ms':>8s}")
-    for name in args.settings.split(","):
+    for name in filter(None, args.settings.split(",")):
         setting = SETTINGS[name]
         t0 = time.time()
         q = build(setting, calib, cache)

@@ -315,3 +315,84 @@ def bias_correction(qmodel: ir.Model, ctx) -> str:
         n += 1
     ctx.report["bias_correction"] = {"corrected": n, "max_shift": max(shifts, default=0.0)}
     return f"corrected {n} conv biases (largest shift {max(shifts, default=0.0):.3g})"
+
+
+def _qdq_source(value: ir.Value | None) -> ir.Value | None:
+    """The float tensor x of ``value = DequantizeLinear(QuantizeLinear(x))``, else None."""
+    dq = value.producer() if value is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    return q.inputs[0]
+
+
+def empirical_bias_correction(qmodel: ir.Model, ctx) -> str:
+    """``weight_transforms`` hook: remove the mean shift each quantized Conv INTRODUCES
+    (measured on ``ctx.calib`` through the QDQ model itself), by adjusting its float bias.
+
+    For a Conv computing ``W_q * dq(q(x)) + b`` instead of ``W * x + b``, the shift it adds
+    to its output mean, given its actual input, is::
+
+        (W_q - W) E[dq(x)]  +  W (E[dq(x)] - E[x])          (weight rounding + input rounding/clipping)
+
+    and, when its output is quantized for a non-ReLU reader, ``E[dq(y)] - E[y]`` (output
+    clipping).  All three are subtracted.  Each layer corrects only what it introduces,
+    so correcting every layer at once does not count an upstream shift twice (measuring
+    the total shift ``E[y_int8] - E[y_fp32]`` per layer and subtracting it everywhere at
+    once would: we tried, it destroys the detector).  One pass over the calibration data.
+    """
+    from onnxopt.calibration import collect_stats
+
+    float_nodes = {n.name: n for n in ctx.float_model.graph}
+    plan = []
+    names: set[str] = set()
+    for layer in ctx.layers:
+        if layer.op_type != "Conv":
+            continue
+        x_dq = layer.node.inputs[0]
+        x = _qdq_source(x_dq)
+        y = layer.node.outputs[0]
+        y_dq = None
+        fnode = float_nodes.get(layer.name)
+        relu_after = fnode is not None and any(u.op_type in ("Relu", "Clip") for u in fnode.outputs[0].consumers())
+        if not relu_after:
+            for user in y.consumers():
+                if user.op_type == "QuantizeLinear":
+                    for dq in user.outputs[0].consumers():
+                        if dq.op_type == "DequantizeLinear":
+                            y_dq = dq.outputs[0]
+        plan.append((layer, x, x_dq, y, y_dq))
+        names.update(v.name for v in (x, x_dq, y, y_dq) if v is not None)
+    if not plan:
+        return "no Conv layers"
+    stats = collect_stats(qmodel, ctx.calib, [], mean_for=sorted(names), progress=False)
+
+    def mean(v):
+        return None if v is None or v.name not in stats else stats[v.name].mean_per_channel
+
+    graph = qmodel.graph
+    shifts = []
+    for layer, x, x_dq, y, y_dq in plan:
+        group = _group(layer.node)
+        m_dq = mean(x_dq)
+        if m_dq is None:
+            continue
+        delta = bias_delta(layer.float_weight, layer.dequantized_weight, m_dq, group)
+        m_x = mean(x)
+        if m_x is not None:
+            delta += bias_delta(np.zeros_like(layer.float_weight), layer.float_weight, m_dq - m_x, group)
+        m_y, m_ydq = mean(y), mean(y_dq)
+        if m_y is not None and m_ydq is not None:
+            delta -= m_ydq - m_y
+        bias_value = ctx.ensure_bias(layer)
+        bias = bias_value.const_value.numpy()
+        new = _new_initializer(graph, f"{layer.name}_bias_ebc", (bias.astype(np.float64) + delta).astype(bias.dtype))
+        layer.node.replace_input_with(2, new)
+        if not bias_value.uses() and bias_value.is_initializer():
+            graph.initializers.pop(bias_value.name, None)
+        layer.bias_name = new.name
+        shifts.append(float(np.abs(delta).max()))
+    ctx.report["empirical_bias_correction"] = {"layers": len(shifts), "largest_shift": max(shifts, default=0.0)}
+    return f"corrected the mean shift of {len(shifts)} convs (largest {max(shifts, default=0.0):.3g})"
