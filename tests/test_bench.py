@@ -455,3 +455,31 @@ def test_model_that_fails_at_run_time_is_one_line(tmp_path, capsys):
     line = _one_line_error(capsys, ["bench", str(tmp_path / "m.onnx"), "--batch-sizes", "4", "--runs", "2"],
                            contains="m.onnx: onnxruntime failed to run it at batch 4")
     assert "Reshape" in line or "reshape" in line.lower()
+
+
+def test_provider_session_args(monkeypatch):
+    import onnxopt.bench.providers as providers
+
+    monkeypatch.setattr(providers.ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    config = ProviderConfig("tensorrt", "TensorrtExecutionProvider", {"device_id": "1", "trt_fp16_enable": "True"})
+    names, options = config.session_args()
+    assert names == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert options == [{"device_id": "1", "trt_fp16_enable": "True"}, {"device_id": "1"}, {}]
+    assert config.device == "cuda"
+
+
+def test_tensorrt_flags_become_provider_options(monkeypatch, tmp_path):
+    import onnxopt.bench.providers as providers
+
+    monkeypatch.setattr(providers.ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    cache = tmp_path / "engines"
+    config = make_provider_config("trt", trt_fp16=True, trt_int8=True, trt_engine_cache=cache)
+    assert config.options == {"trt_fp16_enable": "True", "trt_int8_enable": "True", "trt_engine_cache_enable": "True",
+                              "trt_engine_cache_path": str(cache)}
+    assert cache.is_dir()
+    with pytest.raises(OnnxoptError, match="its parent folder does not exist"):
+        make_provider_config("tensorrt", trt_engine_cache=tmp_path / "no" / "engines")
+    with pytest.raises(OnnxoptError, match="applies only to --ep tensorrt"):
+        make_provider_config("cuda", trt_fp16=True)

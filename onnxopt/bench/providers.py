@@ -109,7 +109,11 @@ class ProviderConfig:
 
     def session_args(self) -> tuple[list[str], list[dict[str, str]]]:
         chain = provider_chain(self.name)
-        return chain, [dict(self.options) if p == self.name else {} for p in chain]
+        # A device fallback (CUDA behind TensorRT) must use the same GPU as the main provider.
+        shared = {"device_id": self.options["device_id"]} if "device_id" in self.options else {}
+        return chain, [
+            dict(self.options) if p == self.name else (dict(shared) if p != "CPUExecutionProvider" else {}) for p in chain
+        ]
 
 
 def make_provider_config(
@@ -139,6 +143,7 @@ def make_provider_config(
             parent = os.path.dirname(os.path.abspath(cache))
             if not os.path.isdir(cache) and not os.path.isdir(parent):
                 raise OnnxoptError(f"--trt-engine-cache {cache}: its parent folder does not exist")
+            os.makedirs(cache, exist_ok=True)  # a cache folder, created like any cache
             opts["trt_engine_cache_enable"] = "True"
             opts["trt_engine_cache_path"] = cache
     elif trt_flags:
