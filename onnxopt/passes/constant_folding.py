@@ -49,8 +49,6 @@ import logging
 import math
 
 import numpy as np
-import onnx
-import onnx.reference.ops
 import onnx_ir as ir
 
 from onnxopt.passes._shapes import ProtoEditor, infer_from_proto, infer_shapes, inference_proto, shape_of
@@ -289,6 +287,24 @@ def _np_shape(node, xs):
     return [shape[start:end]]
 
 
+def _np_constant_of_shape(node, xs):
+    shape = [int(d) for d in xs[0].reshape(-1)]
+    attr = node.attributes.get("value")
+    if attr is None:
+        return [np.zeros(shape, dtype=np.float32)]
+    value = attr.value.numpy().reshape(-1)
+    if value.size != 1:
+        return None
+    return [np.full(shape, value[0], dtype=value.dtype)]
+
+
+def _np_where(node, xs):
+    cond, a, b = xs
+    if a.dtype != b.dtype or cond.dtype != np.bool_:
+        return None
+    return [np.where(cond, a, b)]
+
+
 def _np_unary(fn):
     def run(node, xs):
         x = xs[0]
@@ -320,6 +336,8 @@ _NUMPY_OPS = {
     "Neg": _np_unary(np.negative),
     "Reciprocal": _np_unary(np.reciprocal),
     "Identity": lambda node, xs: [xs[0].copy()],
+    "ConstantOfShape": _np_constant_of_shape,
+    "Where": _np_where,
 }
 
 
@@ -343,6 +361,10 @@ def evaluate_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) ->
             out = None
         if out is not None:
             return out
+    # Imported here: it loads every op implementation (a few hundred ms), which only
+    # matters to models that need an op the numpy fast paths do not cover.
+    import onnx.reference.ops
+
     try:
         impl = onnx.reference.ops.load_op("", node.op_type, opset)
     except Exception:
