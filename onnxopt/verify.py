@@ -210,6 +210,12 @@ class OutputDiff:
 
 
 def diff_arrays(name: str, ref: np.ndarray, new: np.ndarray, *, rtol: float, atol: float) -> OutputDiff:
+    # inf - inf and overflowing products are handled below; numpy must not warn on stderr.
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return _diff_arrays(name, ref, new, rtol=rtol, atol=atol)
+
+
+def _diff_arrays(name: str, ref: np.ndarray, new: np.ndarray, *, rtol: float, atol: float) -> OutputDiff:
     ref = np.asarray(ref)
     new = np.asarray(new)
     if ref.shape != new.shape:

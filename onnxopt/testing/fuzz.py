@@ -578,6 +578,7 @@ class FuzzResult:
     rc: int | None = None
     stderr: str = ""
     seconds: float = 0.0
+    rolled_back: list[str] = dataclasses.field(default_factory=list)  # the safety net caught a pass
 
     @property
     def failed(self) -> bool:
@@ -669,6 +670,10 @@ def _judge_output(model_path: pathlib.Path, out_path: pathlib.Path) -> str:
     return "valid"
 
 
+# What a successful run may print on stderr (the rest goes to stdout).
+_EXPECTED_STDERR = ("wrote ", "rolled back ", "warning ")
+
+
 def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pathlib.Path,
              timeout: float = CASE_TIMEOUT_S) -> list[FuzzResult]:
     folder = workdir / f"case{index}"
@@ -688,13 +693,19 @@ def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pa
             outcome = f"FAIL: {problem}"
         elif rc == 0:
             outcome = _judge_output(model_path, out_path) if command == "optimize" else "ok"
+            noise = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(_EXPECTED_STDERR)]
+            if noise and not outcome.startswith("FAIL"):
+                outcome = f"FAIL: unexpected output on stderr of a successful run: {noise[0][:200]}"
         else:
             outcome = _judge_failure(rc, err, out_path if command == "optimize" else None, folder)
         if hashlib.sha256(model_path.read_bytes()).hexdigest() != digest:
             outcome = "FAIL: the input file was modified"
+        # A pass the safety net rolled back produced a wrong or crashing model: not a failure
+        # of the command (the output is right), but a finding for the pass's author.
+        rolled = [ln.strip()[len("rolled back "):][:300] for ln in err.splitlines() if ln.startswith("rolled back ")]
         results.append(FuzzResult(index, seed_name, mutation, command, outcome, rc,
                                   err.strip().splitlines()[0][:300] if err.strip() else "",
-                                  time.perf_counter() - start))
+                                  time.perf_counter() - start, rolled))
     shutil.rmtree(folder, ignore_errors=True)
     return results
 
@@ -760,6 +771,12 @@ def main(argv=None) -> int:
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for r in failures:
         print(f"case {r.index} [{r.seed_model}: {r.mutation}] {r.command}: {r.outcome}")
+    caught = [r for r in results if r.rolled_back]
+    if caught:
+        print(f"passes rolled back by the safety net in {len(caught)} cases (pass bugs; outputs were right):")
+        for r in caught:
+            for line in r.rolled_back:
+                print(f"  case {r.index} [{r.seed_model}: {r.mutation}]: {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
