@@ -122,6 +122,9 @@ def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         raise OnnxoptError(f"{p}: not a valid ONNX model (no graph)")
     if not proto.opset_import:
         raise OnnxoptError(f"{p}: model declares no opset import")
+    if not proto.graph.output:
+        # Nothing is computed: every node is dead, and ORT cannot load what is left.
+        raise OnnxoptError(f"{p}: the model declares no graph outputs")
     external_files = check_external_data(proto, p.parent)
     if check:
         try:

@@ -123,6 +123,12 @@ def no_opset(folder) -> pathlib.Path:
     return _save(model, folder, "no_opset.onnx")
 
 
+def no_outputs(folder) -> pathlib.Path:
+    model = small_graph()
+    del model.graph.output[:]
+    return _save(model, folder, "no_outputs.onnx")
+
+
 def future_opset(folder) -> pathlib.Path:
     model = small_graph(opset=999)
     return _save(model, folder, "future_opset.onnx")
@@ -231,6 +237,7 @@ BAD_MODELS = {
     "unknown_op": (unknown_op, ("frobnicaterelu",)),
     "custom_domain": (custom_domain, ("myrelu", "com.example")),
     "no_opset": (no_opset, ("opset",)),
+    "no_outputs": (no_outputs, ("no graph outputs",)),
     "future_opset": (future_opset, ("opset", "999")),
     "huge_input_dims": (huge_input_dims, ("too large", "1099511627776")),
     "lying_initializer": (lying_initializer, ("'w'", "w")),

@@ -653,6 +653,10 @@ def _judge_output(model_path: pathlib.Path, out_path: pathlib.Path) -> str:
     try:
         new = ort.InferenceSession(str(out_path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
+        try:
+            ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        except Exception:
+            return "valid"  # (--no-verify) the input did not load either: nothing was lost
         return f"FAIL: ORT cannot load the output: {str(e)[:200]}"
     try:
         feeds = make_sample_inputs(load_model(model_path))
@@ -675,7 +679,7 @@ _EXPECTED_STDERR = ("wrote ", "rolled back ", "warning ")
 
 
 def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pathlib.Path,
-             timeout: float = CASE_TIMEOUT_S) -> list[FuzzResult]:
+             timeout: float = CASE_TIMEOUT_S, optimize_flags: tuple[str, ...] = ()) -> list[FuzzResult]:
     folder = workdir / f"case{index}"
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / "model.onnx"
@@ -684,7 +688,7 @@ def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pa
     results = []
     out_path = folder / "out.onnx"
     for command, argv in (
-        ("optimize", ["optimize", str(model_path), "-o", str(out_path)]),
+        ("optimize", ["optimize", str(model_path), "-o", str(out_path), *optimize_flags]),
         ("inspect", ["inspect", str(model_path)]),
     ):
         start = time.perf_counter()
@@ -711,7 +715,8 @@ def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pa
 
 
 def fuzz(cases: int, seed: int = 0, *, workdir: str | os.PathLike | None = None, real_share: float = 0.15,
-         timeout: float = CASE_TIMEOUT_S, progress=None, include_real: bool = True) -> list[FuzzResult]:
+         timeout: float = CASE_TIMEOUT_S, progress=None, include_real: bool = True,
+         optimize_flags: tuple[str, ...] = ()) -> list[FuzzResult]:
     """Run ``cases`` mutated models (deterministic for a seed); returns every command's result."""
     import logging
 
@@ -729,7 +734,7 @@ def fuzz(cases: int, seed: int = 0, *, workdir: str | os.PathLike | None = None,
             data, what = mutate(seeds[name], rng)
             if progress:
                 progress(i, name, what)
-            results.extend(run_case(i, name, data, what, pathlib.Path(tmp), timeout))
+            results.extend(run_case(i, name, data, what, pathlib.Path(tmp), timeout, optimize_flags))
     return results
 
 
@@ -751,6 +756,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=CASE_TIMEOUT_S, help="seconds per command")
     ap.add_argument("--max-memory-gb", type=float, default=6.0)
     ap.add_argument("--json", help="write every result here")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="optimize with --no-verify: the passes alone must keep the answers (no safety net)")
+    ap.add_argument("--verify-each", action="store_true", help="optimize with --verify (check after every pass)")
     ap.add_argument("--progress", help="append 'index seed mutation' lines here before each case (finds a crash)")
     args = ap.parse_args(argv)
     _limit_memory(args.max_memory_gb)
@@ -761,7 +769,9 @@ def main(argv=None) -> int:
                 f.write(f"{i} {name} {what}\n")
 
     start = time.perf_counter()
-    results = fuzz(args.cases, args.seed, real_share=args.real_share, timeout=args.timeout, progress=progress)
+    flags = ("--no-verify",) if args.no_verify else ("--verify",) if args.verify_each else ()
+    results = fuzz(args.cases, args.seed, real_share=args.real_share, timeout=args.timeout, progress=progress,
+                   optimize_flags=flags)
     failures = [r for r in results if r.failed]
     counts: dict[str, int] = {}
     for r in results:
