@@ -271,6 +271,8 @@ def test_remove_noops_fires_on_each_kind():
         helper.make_node("Max", ["l"], ["m"]),
         helper.make_node("Split", ["m"], ["n"], axis=2),
         helper.make_node("Relu", ["n"], ["y"]),
+        helper.make_node("And", ["true", "mask"], ["m1"]),
+        helper.make_node("Or", ["m1", "false_row"], ["mask_out"]),
     ]
     inits = [
         numpy_helper.from_array(np.array(0.3, np.float32), "ratio"),
@@ -283,13 +285,20 @@ def test_remove_noops_fires_on_each_kind():
         numpy_helper.from_array(np.array(1.0, np.float32), "one"),
         numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero_f"),
         numpy_helper.from_array(np.ones(6, np.float32), "ones_row"),
+        numpy_helper.from_array(np.array(True), "true"),
+        numpy_helper.from_array(np.zeros((1, 6), bool), "false_row"),
     ]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F, x_shape)], [helper.make_tensor_value_info("y", F, x_shape)], inits)
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, x_shape), helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N", 6])],
+        [helper.make_tensor_value_info("y", F, x_shape), helper.make_tensor_value_info("mask_out", TensorProto.BOOL, ["N", 6])],
+        inits,
+    )
     after, n = _run(remove_noops, model)
-    assert n == 14
-    assert _ops(after) == {"Relu": 1}
-    assert after.graph.outputs[0].name == "y"
-    _same_outputs(model, after, _feeds(model, x=(1, 4, 6)), _feeds(model, x=(3, 4, 6)))
+    assert n == 15  # the Or stays: its output is a graph output and its data a graph input
+    assert _ops(after) == {"Relu": 1, "Or": 1}
+    assert [o.name for o in after.graph.outputs] == ["y", "mask_out"]
+    _same_outputs(model, after, _feeds(model, x=(1, 4, 6), mask=(1, 6)), _feeds(model, x=(3, 4, 6), mask=(3, 6)))
 
 
 def test_remove_noops_leaves_what_it_cannot_prove():

@@ -18,8 +18,8 @@ case below needs its condition *proven* from constant inputs, dtypes and shapes
 - ``Concat``/``Sum``/``Max``/``Min``/``Mean`` of a single input; ``Split`` into one output.
 - ``Squeeze`` without axes of a tensor whose static shape has no 1, ``Squeeze``/
   ``Unsqueeze`` with a constant empty axes list where the op defines that as a no-op.
-- ``Mul``/``Div`` by 1 and ``Add``/``Sub`` of 0 (``x - 0``, ``x / 1``, either side for
-  the commutative ones): the constant is all ones / zeros, of x's dtype, and every
+- ``Mul``/``Div`` by 1, ``Add``/``Sub`` of 0, ``And`` with true, ``Or`` with false (``x - 0``,
+  ``x / 1``, either side for the commutative ones): the constant is all neutral, of x's dtype, and every
   one of its dims is 1 or x's static size at that (right-aligned) position, so
   broadcasting does not change the output shape. (``-0.0 + 0.0`` is ``+0.0``: equal
   values, which is what the safety net and every consumer compare.)
@@ -233,6 +233,12 @@ class _NoopFinder:
 
     def _sub(self, node, x, y):
         return self._arith(node, x, y, 0, False)
+
+    def _and(self, node, x, y):
+        return self._arith(node, x, y, True, True)
+
+    def _or(self, node, x, y):
+        return self._arith(node, x, y, False, True)
 
 
 def _bypass(graph, node: ir.Node, source: ir.Value) -> bool:
