@@ -114,8 +114,8 @@ class _Sym:
             return True
         return self.origin is not None and self.origin == other.origin
 
-    def __hash__(self):
-        return id(self)
+    # Equality mixes two criteria, so no hash is consistent with it: keep them out of sets.
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self):
         return f"<{self.name or '?'}>"
@@ -387,6 +387,8 @@ def evaluate_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) ->
 
 
 class _Folder:
+    """One sweep over the graphs in order: symbolic shape tracking, then evaluation."""
+
     def __init__(self, model: ir.Model, inferred: dict[ir.Value, ir.Shape], editor: ProtoEditor | None = None):
         self.model = model
         self.inferred = inferred
