@@ -317,12 +317,14 @@ def _missing_provider():
         (["{m}", "--json", "{tmp}/no/such/folder/r.json"], "does not exist"),
         (["{m}", "--json", "{tmp}"], "is a folder"),
         (["{m}", "--inputs", "{tmp}/none.npz"], "no such inputs file"),
+        (["{m}", "--inputs", "{npz}", "--shape", "x:2x64"], "--shape applies to generated inputs"),
         (["{m}", "--trt-fp16"], "applies only to --ep tensorrt"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, mlp, args, contains):
     missing_ep = _missing_provider() if "{missing_ep}" in args else ""
-    argv = ["bench"] + [a.format(m=mlp, tmp=tmp_path, missing_ep=missing_ep) for a in args] + ["--warmup", "0"] * ("--warmup" not in args)
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 64), np.float32))
+    argv = ["bench"] + [a.format(m=mlp, tmp=tmp_path, missing_ep=missing_ep, npz=tmp_path / "in.npz") for a in args] + ["--warmup", "0"] * ("--warmup" not in args)
     line = _one_line_error(capsys, argv, contains=contains.split(";")[0])
     if "pip install" in contains:
         assert "pip install" in line

@@ -145,7 +145,7 @@ def _batch_dim(model: _Model, name: str):
 
 
 def _feeds_for_batch(
-    models: list[_Model], base: dict[str, np.ndarray], batch: int, *, generated: bool, shapes, seed: int
+    models: list[_Model], base: dict[str, np.ndarray], batch: int, *, generated: bool, seed: int
 ) -> dict[str, np.ndarray]:
     """The feeds with the leading (batch) dimension set to ``batch``.
 
@@ -443,7 +443,7 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
 
     if batch_sizes:
         settings_list = [
-            (b, _feeds_for_batch(loaded, base_feeds, b, generated=generated, shapes=shapes, seed=seed)) for b in batch_sizes
+            (b, _feeds_for_batch(loaded, base_feeds, b, generated=generated, seed=seed)) for b in batch_sizes
         ]
     else:
         settings_list = [(_batch_of(base_feeds), base_feeds)]
