@@ -492,3 +492,68 @@ def test_batchnorm_inside_a_local_function():
     fn_ops = [n.op_type for n in next(iter(out.functions.values()))]
     assert "BatchNormalization" not in fn_ops and fn_ops.count("Conv") == 1
     assert_same(m, out, {"x": rand(1, 4, 8, 8)})
+
+
+# -- seeded random chains: the fusions against ORT on graphs nobody wrote by hand -----------
+
+
+def _random_chain(seed: int):
+    """x[2,C,6,6] through 3-6 random ops (Conv/ConvTranspose/BN/Mul/Add/Sub/Div/Pad/Transpose pairs/Relu)."""
+    rng = np.random.default_rng(seed)
+    c, hw = 4, 6
+    nodes, inits, extra_outputs = [], {}, []
+    cur = "x"
+
+    def const(name, shape):
+        inits[name] = (rng.standard_normal(shape) * 0.5 + (1.0 if rng.random() < 0.5 else 0.0)).astype(np.float32)
+        return name
+
+    for i in range(int(rng.integers(3, 7))):
+        out = f"t{i}"
+        kind = rng.choice(["conv", "convT", "bn", "mul", "add", "sub", "div", "pad", "transpose", "relu"])
+        if kind == "conv":
+            c_out = int(rng.choice([c, 6]))
+            group = c if (c_out == c and rng.random() < 0.4) else 1
+            ins = [cur, const(f"w{i}", (c_out, c // group, 3, 3))] + ([const(f"b{i}", (c_out,))] if rng.random() < 0.5 else [])
+            nodes.append(helper.make_node("Conv", ins, [out], group=group, pads=[1, 1, 1, 1] if rng.random() < 0.7 else [0, 0, 0, 0]))
+            if nodes[-1].attribute[-1].ints[0] == 0:
+                hw -= 2
+            c = c_out
+        elif kind == "convT":
+            nodes.append(helper.make_node("ConvTranspose", [cur, const(f"w{i}", (c, 3, 1, 1))], [out]))
+            c = 3
+        elif kind == "bn":
+            s, b, m = (const(f"{k}{i}", (c,)) for k in "sbm")
+            inits[f"v{i}"] = (np.abs(rng.standard_normal(c)) + 0.5).astype(np.float32)
+            nodes.append(helper.make_node("BatchNormalization", [cur, s, b, m, f"v{i}"], [out]))
+        elif kind in ("mul", "add", "sub", "div"):
+            shape = [(), (1,), (1, c, 1, 1), (c, 1, 1), (1, 1, 1, hw), (1, c, hw, hw)][int(rng.integers(6))]
+            k = const(f"k{i}", shape)
+            if kind == "div":
+                inits[k] = np.abs(inits[k]) + 0.5
+            op = {"mul": "Mul", "add": "Add", "sub": "Sub", "div": "Div"}[kind]
+            nodes.append(helper.make_node(op, [k, cur] if kind in ("mul", "add") and rng.random() < 0.5 else [cur, k], [out]))
+        elif kind == "pad":
+            inits[f"p{i}"] = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+            nodes.append(helper.make_node("Pad", [cur, f"p{i}"], [out], mode="constant" if rng.random() < 0.7 else "reflect"))
+            hw += 2
+        elif kind == "transpose":
+            nodes.append(helper.make_node("Transpose", [cur], [f"{out}a"], perm=[0, 2, 3, 1]))
+            nodes.append(helper.make_node("Transpose", [f"{out}a"], [out], perm=[0, 3, 1, 2]))
+        else:
+            nodes.append(helper.make_node("Relu", [cur], [out]))
+        if rng.random() < 0.15:
+            extra_outputs.append(out)  # an intermediate the caller also reads
+        cur = out
+    outputs = [(cur, F, None)] + [(o, F, None) for o in extra_outputs if o != cur]
+    return model(nodes, [("x", F, [2, 4, 6, 6])], outputs, inits, opset=13)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_chains_through_default(seed):
+    from onnxopt.optimize import optimize
+
+    m = _random_chain(seed)
+    result = optimize(m, verify="off")
+    assert [v.name for v in result.model.graph.outputs] == [v.name for v in m.graph.outputs]
+    assert_same(m, result.model, {"x": rand(2, 4, 6, 6)}, rtol=1e-4, atol=1e-4)
