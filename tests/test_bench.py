@@ -485,3 +485,12 @@ def test_tensorrt_flags_become_provider_options(monkeypatch, tmp_path):
         make_provider_config("tensorrt", trt_engine_cache=tmp_path / "no" / "engines")
     with pytest.raises(OnnxoptError, match="applies only to --ep tensorrt"):
         make_provider_config("cuda", trt_fp16=True)
+
+
+def test_unwritable_json_folder(capsys, tmp_path, mlp, monkeypatch):
+    import onnxopt.bench.report as report_mod
+
+    # Root ignores permission bits, so simulate what a normal user sees on a read-only folder.
+    monkeypatch.setattr(report_mod.os, "access", lambda path, mode: False)
+    _one_line_error(capsys, ["bench", mlp, "--json", str(tmp_path / "r.json")], contains="is not writable")
+    assert not (tmp_path / "r.json").exists()
