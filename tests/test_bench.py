@@ -491,6 +491,7 @@ def test_unwritable_json_folder(capsys, tmp_path, mlp, monkeypatch):
     import onnxopt.bench.report as report_mod
 
     # Root ignores permission bits, so simulate what a normal user sees on a read-only folder.
-    monkeypatch.setattr(report_mod.os, "access", lambda path, mode: False)
+    real_access = os.access
+    monkeypatch.setattr(report_mod.os, "access", lambda path, mode, **kw: False if mode & os.W_OK else real_access(path, mode, **kw))
     _one_line_error(capsys, ["bench", mlp, "--json", str(tmp_path / "r.json")], contains="is not writable")
     assert not (tmp_path / "r.json").exists()
