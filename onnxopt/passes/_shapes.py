@@ -279,10 +279,14 @@ class ProtoEditor:
 
     def add_constant(self, name: str, array) -> None:
         graph = self.proto.graph
-        if array.nbytes > _BIG_TENSOR_BYTES:
-            graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
-        else:
-            graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+        try:
+            if array.nbytes > _BIG_TENSOR_BYTES:
+                elem_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+                graph.input.append(onnx.helper.make_tensor_value_info(name, elem_type, array.shape))
+            else:
+                graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+        except Exception:  # an exotic dtype: fall back to serializing the model again
+            self.dirty = True
 
     def remove_node(self, first_output: str) -> None:
         self._removed.add(first_output)
