@@ -275,8 +275,8 @@ class Verifier:
             sess = make_session(model)
         except Exception as e:  # custom ops, future opsets, ...: nothing to compare against
             raise VerificationError(
-                f"the original model does not load in ONNX Runtime, so results cannot be verified "
-                f"(--no-verify skips the check): {_first_line(e)}"
+                f"the original model does not load in ONNX Runtime, so results cannot be verified against it "
+                f"(optimize --no-verify skips this check): {_first_line(e)}"
             ) from None
         try:
             reference = [sess.run(f) for f in feeds]

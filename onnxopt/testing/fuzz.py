@@ -678,8 +678,25 @@ def _judge_output(model_path: pathlib.Path, out_path: pathlib.Path) -> str:
 _EXPECTED_STDERR = ("wrote ", "rolled back ", "warning ")
 
 
+def _judge_loadable(out_path: pathlib.Path) -> str:
+    """A quantized model (random calibration: its accuracy means nothing) must check and load."""
+    import onnxruntime as ort
+
+    if not out_path.exists():
+        return "FAIL: exit 0 but no output file"
+    try:
+        onnx.checker.check_model(onnx.load(str(out_path)))
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        ort.InferenceSession(str(out_path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        return f"FAIL: quantized output does not check/load: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+    return "valid"
+
+
 def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pathlib.Path,
-             timeout: float = CASE_TIMEOUT_S, optimize_flags: tuple[str, ...] = ()) -> list[FuzzResult]:
+             timeout: float = CASE_TIMEOUT_S, optimize_flags: tuple[str, ...] = (),
+             quantize: bool = False) -> list[FuzzResult]:
     folder = workdir / f"case{index}"
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / "model.onnx"
@@ -687,21 +704,32 @@ def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pa
     digest = hashlib.sha256(data).hexdigest()
     results = []
     out_path = folder / "out.onnx"
-    for command, argv in (
+    commands = [
         ("optimize", ["optimize", str(model_path), "-o", str(out_path), *optimize_flags]),
         ("inspect", ["inspect", str(model_path)]),
-    ):
+    ]
+    if quantize:
+        commands.append(("quantize", ["quantize", str(model_path), "-o", str(out_path), "--calib", "random",
+                                      "--quiet", "--samples", "2"]))
+    for command, argv in commands:
+        if out_path.exists():
+            out_path.unlink()
         start = time.perf_counter()
         rc, _, err, problem = _run_cli(argv, timeout)
         if problem:
             outcome = f"FAIL: {problem}"
         elif rc == 0:
-            outcome = _judge_output(model_path, out_path) if command == "optimize" else "ok"
+            if command == "optimize":
+                outcome = _judge_output(model_path, out_path)
+            elif command == "quantize":
+                outcome = _judge_loadable(out_path)
+            else:
+                outcome = "ok"
             noise = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(_EXPECTED_STDERR)]
             if noise and not outcome.startswith("FAIL"):
                 outcome = f"FAIL: unexpected output on stderr of a successful run: {noise[0][:200]}"
         else:
-            outcome = _judge_failure(rc, err, out_path if command == "optimize" else None, folder)
+            outcome = _judge_failure(rc, err, out_path if command != "inspect" else None, folder)
         if hashlib.sha256(model_path.read_bytes()).hexdigest() != digest:
             outcome = "FAIL: the input file was modified"
         # A pass the safety net rolled back produced a wrong or crashing model: not a failure
@@ -716,7 +744,7 @@ def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pa
 
 def fuzz(cases: int, seed: int = 0, *, workdir: str | os.PathLike | None = None, real_share: float = 0.15,
          timeout: float = CASE_TIMEOUT_S, progress=None, include_real: bool = True,
-         optimize_flags: tuple[str, ...] = ()) -> list[FuzzResult]:
+         optimize_flags: tuple[str, ...] = (), quantize: bool = False) -> list[FuzzResult]:
     """Run ``cases`` mutated models (deterministic for a seed); returns every command's result."""
     import logging
 
@@ -734,7 +762,7 @@ def fuzz(cases: int, seed: int = 0, *, workdir: str | os.PathLike | None = None,
             data, what = mutate(seeds[name], rng)
             if progress:
                 progress(i, name, what)
-            results.extend(run_case(i, name, data, what, pathlib.Path(tmp), timeout, optimize_flags))
+            results.extend(run_case(i, name, data, what, pathlib.Path(tmp), timeout, optimize_flags, quantize))
     return results
 
 
@@ -759,6 +787,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", action="store_true",
                     help="optimize with --no-verify: the passes alone must keep the answers (no safety net)")
     ap.add_argument("--verify-each", action="store_true", help="optimize with --verify (check after every pass)")
+    ap.add_argument("--quantize", action="store_true", help="also run quantize (random calibration) on every mutant")
     ap.add_argument("--progress", help="append 'index seed mutation' lines here before each case (finds a crash)")
     args = ap.parse_args(argv)
     _limit_memory(args.max_memory_gb)
@@ -771,7 +800,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     flags = ("--no-verify",) if args.no_verify else ("--verify",) if args.verify_each else ()
     results = fuzz(args.cases, args.seed, real_share=args.real_share, timeout=args.timeout, progress=progress,
-                   optimize_flags=flags)
+                   optimize_flags=flags, quantize=args.quantize)
     failures = [r for r in results if r.failed]
     counts: dict[str, int] = {}
     for r in results:
