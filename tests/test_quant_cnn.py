@@ -183,6 +183,9 @@ def test_cle_pass_registered_and_not_in_default_preset():
     model = ir.from_proto(proto)
     result = info.factory()(model)
     assert result.modified
+    # Already equalized: a second run changes nothing, so fixed-point pipelines stop.
+    again = info.factory()
+    assert not again(model).modified and again.rewrites == 0
 
 
 # ----------------------------------------------------------------------------

@@ -361,7 +361,8 @@ class ConvPair:
 @dataclasses.dataclass
 class CLEStats:
     folded: int = 0  # affine ops folded into convs
-    pairs: int = 0  # conv pairs equalized
+    pairs: int = 0  # eligible conv pairs (equalized)
+    changed_pairs: int = 0  # of those, pairs whose scales were not already ~1
     rounds: int = 0
     skipped: dict = dataclasses.field(default_factory=dict)  # reason -> count
     # per pair: max over channels of r1/r2 (or r2/r1) before and after, for reports / tests
@@ -504,8 +505,11 @@ def equalize_cross_layer(
     stats.ratio_before = [_imbalance(*_ranges(p)) for p in pairs]
     for round_ in range(max_rounds):
         stats.rounds = round_ + 1
-        worst = max((_equalize_pair(model.graph, p, min_scale, max_scale) for p in pairs), default=0.0)
-        if worst < np.log1p(tol):
+        moved = [_equalize_pair(model.graph, p, min_scale, max_scale) for p in pairs]
+        if round_ == 0:
+            # Pairs already equalized (e.g. a second run of the pass) do not count as rewrites.
+            stats.changed_pairs = sum(m >= np.log1p(tol) for m in moved)
+        if max(moved, default=0.0) < np.log1p(tol):
             break
     stats.ratio_after = [_imbalance(*_ranges(p)) for p in pairs]
     model.graph.meta.pop("onnxopt.cle_names", None)
@@ -524,7 +528,7 @@ class EqualizeCrossLayerPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.stats = equalize_cross_layer(model, fold_affine=self.fold_affine, max_rounds=self.max_rounds)
-        self.rewrites = self.stats.pairs + self.stats.folded
+        self.rewrites = self.stats.changed_pairs + self.stats.folded
         return ir.passes.PassResult(model, modified=self.rewrites > 0)
 
 
