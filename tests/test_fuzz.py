@@ -30,6 +30,36 @@ CASES = int(os.environ.get("ONNXOPT_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("ONNXOPT_FUZZ_SEED", "0"))
 
 
+def _run_fuzzer(tmp_path, cases: int, seed: int, *flags: str):
+    report = tmp_path / "fuzz.json"
+    progress = tmp_path / "progress.txt"
+    cmd = [
+        sys.executable, "-m", "onnxopt.testing.fuzz", "--cases", str(cases), "--seed", str(seed),
+        "--real-share", "0.05", "--json", str(report), "--progress", str(progress), *flags,
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 3 * cases)
+    except subprocess.TimeoutExpired:
+        last = progress.read_text().splitlines()[-1] if progress.exists() else "?"
+        pytest.fail(f"the fuzzer hung; last case: {last}")
+    if not report.exists():
+        last = progress.read_text().splitlines()[-1] if progress.exists() else "?"
+        pytest.fail(f"the fuzzer died (exit {proc.returncode}) at case: {last}\n{proc.stderr[-2000:]}")
+    results = json.loads(report.read_text())
+    failures = [r for r in results if r["outcome"].startswith("FAIL")]
+    assert not failures, "\n".join(
+        f"case {r['index']} [{r['seed_model']}: {r['mutation']}] {r['command']}: {r['outcome']}" for r in failures[:20]
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    return results
+
+
+def test_fuzz_without_the_safety_net(tmp_path):
+    """--no-verify: the passes alone must keep valid mutants' answers (nothing catches them)."""
+    results = _run_fuzzer(tmp_path, 100, SEED + 1, "--no-verify")
+    assert sum(r["outcome"] == "valid" for r in results if r["command"] == "optimize") >= 10
+
+
 def test_fuzz_optimize_and_inspect(tmp_path):
     report = tmp_path / "fuzz.json"
     progress = tmp_path / "progress.txt"
