@@ -518,3 +518,21 @@ def test_no_fold_of_loop_carried_shape_even_when_the_body_declares_it_static():
     assert n == 0
     assert _ops(after) == _ops(model)
     _same_outputs(model, after, {"x": np.ones((2, 3), np.float32)})
+
+
+def test_remove_noops_squeeze_without_axes_only_when_no_dim_can_be_one():
+    nodes = [
+        helper.make_node("Squeeze", ["x"], ["a"]),  # [2, 3]: nothing to squeeze
+        helper.make_node("Squeeze", ["z"], ["b"]),  # [N, 3]: N may be 1 at run time
+        helper.make_node("CastLike", ["a", "x"], ["y"]),
+        helper.make_node("ReduceSum", ["b"], ["total"], keepdims=0),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, [2, 3]), helper.make_tensor_value_info("z", F, ["N", 3])],
+        [helper.make_tensor_value_info("y", F, [2, 3]), helper.make_tensor_value_info("total", F, [])],
+    )
+    after, n = _run(remove_noops, model)
+    assert n == 1  # the first Squeeze; CastLike keeps y (its data would be the graph input x)
+    assert _ops(after) == {"Squeeze": 1, "CastLike": 1, "ReduceSum": 1}
+    _same_outputs(model, after, _feeds(model, x=(2, 3), z=(1, 3)), _feeds(model, x=(2, 3), z=(4, 3)))

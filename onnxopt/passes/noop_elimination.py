@@ -16,8 +16,8 @@ case below needs its condition *proven* from constant inputs, dtypes and shapes
 - ``Pad`` with all-zero pads (constant input or attribute).
 - ``Slice`` that keeps everything: step 1, start 0 (or <= -size), end >= size (or >= 2**31-1).
 - ``Concat``/``Sum``/``Max``/``Min``/``Mean`` of a single input; ``Split`` into one output.
-- ``Squeeze`` without axes of a tensor whose static shape has no 1, ``Squeeze``/
-  ``Unsqueeze`` with a constant empty axes list where the op defines that as a no-op.
+- ``Squeeze`` without axes of a tensor whose static shape has no 1. (An empty axes list
+  is not a no-op to rely on: Unsqueeze rejects it and Squeeze reads it as "all 1-dims".)
 - ``Mul``/``Div`` by 1, ``Add``/``Sub`` of 0, ``And`` with true, ``Or`` with false (``x - 0``,
   ``x / 1``, either side for the commutative ones): the constant is all neutral, of x's dtype, and every
   one of its dims is 1 or x's static size at that (right-aligned) position, so
@@ -76,9 +76,10 @@ class _NoopFinder:
         if x is None or not node.outputs:
             return None
         y = node.outputs[0]
-        handler = getattr(self, f"_{op.lower()}", None)
-        if handler is None:
+        name = _HANDLERS.get(op)
+        if name is None:
             return None
+        handler = getattr(self, name)
         if any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
             return None
         result = handler(node, x, y)
@@ -182,8 +183,6 @@ class _NoopFinder:
     def _single_input(self, node, x, y):
         return len([v for v in node.inputs]) == 1
 
-    _concat = _sum = _max = _min = _mean = _single_input
-
     def _split(self, node, x, y):
         return len(node.outputs) == 1
 
@@ -196,9 +195,6 @@ class _NoopFinder:
             return False
         shape = self.shape(x)
         return shape is not None and all(isinstance(d, int) and d >= 0 and d != 1 for d in shape)
-
-    def _unsqueeze(self, node, x, y):
-        return False  # an empty axes list is invalid for Unsqueeze; nothing to prove
 
     def _arith(self, node, x, y, neutral: int, commutative: bool):
         a, b = node.inputs[0], _input(node, 1)
@@ -239,6 +235,31 @@ class _NoopFinder:
 
     def _or(self, node, x, y):
         return self._arith(node, x, y, False, True)
+
+
+_HANDLERS = {
+    "Dropout": "_dropout",
+    "Cast": "_cast",
+    "CastLike": "_castlike",
+    "Reshape": "_reshape",
+    "Expand": "_expand",
+    "Transpose": "_transpose",
+    "Pad": "_pad",
+    "Slice": "_slice",
+    "Concat": "_single_input",
+    "Sum": "_single_input",
+    "Max": "_single_input",
+    "Min": "_single_input",
+    "Mean": "_single_input",
+    "Split": "_split",
+    "Squeeze": "_squeeze",
+    "Mul": "_mul",
+    "Div": "_div",
+    "Add": "_add",
+    "Sub": "_sub",
+    "And": "_and",
+    "Or": "_or",
+}
 
 
 def _bypass(graph, node: ir.Node, source: ir.Value) -> bool:
