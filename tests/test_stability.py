@@ -41,7 +41,7 @@ def _tensors(path) -> dict[str, tuple]:
     return out
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, "minilm"])
 def test_optimize_is_idempotent(name, tmp_path):
     src = real_model(name)
     once = tmp_path / "once.onnx"
