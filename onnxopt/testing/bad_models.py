@@ -129,6 +129,31 @@ def no_outputs(folder) -> pathlib.Path:
     return _save(model, folder, "no_outputs.onnx")
 
 
+def _if_graph() -> onnx.ModelProto:
+    from onnxopt.testing.fuzz import _if_model  # If with a Constant, an op and an Identity per branch
+
+    return _if_model()
+
+
+def subgraph_dangling(folder) -> pathlib.Path:
+    model = _if_graph()
+    model.graph.node[2].attribute[0].g.node[1].input[0] = "nowhere"
+    return _save(model, folder, "sub_dangling.onnx")
+
+
+def subgraph_cycle(folder) -> pathlib.Path:
+    model = _if_graph()
+    branch = model.graph.node[2].attribute[0].g
+    branch.node[1].input[1] = branch.node[2].output[0]
+    return _save(model, folder, "sub_cycle.onnx")
+
+
+def subgraph_unknown_op(folder) -> pathlib.Path:
+    model = _if_graph()
+    model.graph.node[2].attribute[0].g.node[1].op_type = "NoSuchOpInBranch"
+    return _save(model, folder, "sub_unknown.onnx")
+
+
 def future_opset(folder) -> pathlib.Path:
     model = small_graph(opset=999)
     return _save(model, folder, "future_opset.onnx")
@@ -238,6 +263,9 @@ BAD_MODELS = {
     "custom_domain": (custom_domain, ("myrelu", "com.example")),
     "no_opset": (no_opset, ("opset",)),
     "no_outputs": (no_outputs, ("no graph outputs",)),
+    "subgraph_dangling": (subgraph_dangling, ("nowhere",)),
+    "subgraph_cycle": (subgraph_cycle, ("topologically",)),
+    "subgraph_unknown_op": (subgraph_unknown_op, ("nosuchopinbranch",)),
     "future_opset": (future_opset, ("opset", "999")),
     "huge_input_dims": (huge_input_dims, ("too large", "1099511627776")),
     "lying_initializer": (lying_initializer, ("'w'", "w")),
