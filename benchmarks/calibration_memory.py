@@ -11,6 +11,9 @@ reads the child's own ``ru_maxrss`` from ``os.wait4``. Runners:
 - ``ort-minmax``       onnxruntime.quantization create_calibrator(MinMax) + collect_data + compute_data
 - ``ort-percentile``   ORT's Percentile (only with --ort-percentile and never at 512: it keeps every
                        activation of every sample, ~18 GB at 26 images)
+- ``minilm-ours-*``    (with --minilm N) all-MiniLM-L6-v2, every non-constant MatMul input, N sentences
+                       from the calibration split at 128 tokens, batch 1: the model whose attention mask
+                       made ORT's Percentile/Entropy crash and peak at 4.0 GB with 100 sentences
 
 Tensors: every Conv input and output (what ORT's calibrator picks with op_types=["Conv"]).
 Data: the 10 calibration photographs of onnxopt.testing.real_models.images("calib"); sample i
@@ -34,7 +37,14 @@ import sys
 import tempfile
 import time
 
-RUNNERS = ("ours-minmax", "ours-percentile", "ort-minmax", "ort-percentile")
+RUNNERS = (
+    "ours-minmax",
+    "ours-percentile",
+    "ort-minmax",
+    "ort-percentile",
+    "minilm-ours-minmax",
+    "minilm-ours-percentile",
+)
 
 
 # ----------------------------------------------------------------------------- child side
@@ -98,6 +108,8 @@ def child(runner: str, n: int, size: int) -> dict:
     from onnxopt.model_io import load_model
     from onnxopt.testing import real_models as rm
 
+    if runner.startswith("minilm"):
+        return _child_minilm(runner, n)
     path = rm.ppocr_model("det")
     model = load_model(path)
     data_src = DetImages(n, size)
@@ -144,6 +156,35 @@ def child(runner: str, n: int, size: int) -> dict:
     }
 
 
+def _child_minilm(runner: str, n: int) -> dict:
+    import resource
+
+    from onnxopt.calibration import collect_stats
+    from onnxopt.model_io import load_model
+    from onnxopt.testing import real_models as rm
+
+    model = load_model(rm.minilm_model())
+    feeds = rm.encode_sentences(rm.sentences("calib", n), seq_len=128)
+    batches = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(n)]
+    names = []
+    for node in model.graph:
+        if node.op_type == "MatMul":
+            names += [v.name for v in node.inputs if v is not None and not v.is_initializer() and v.const_value is None]
+    names = list(dict.fromkeys(names))
+    rss_before = _rss_mb()
+    t0 = time.perf_counter()
+    stats = collect_stats(model, batches, names, method=runner.rsplit("-", 1)[1], progress=False)
+    return {
+        "runner": runner,
+        "n": n,
+        "time_s": time.perf_counter() - t0,
+        "rss_before_mb": rss_before,
+        "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tensors": len(stats),
+        "flagged": sum(1 for s in stats.values() if not s.finite or s.saturated),
+    }
+
+
 # ---------------------------------------------------------------------------- parent side
 
 
@@ -174,6 +215,7 @@ def main() -> None:
     ap.add_argument("--counts", default="16,128,512")
     ap.add_argument("--runners", default="ours-minmax,ours-percentile,ort-minmax")
     ap.add_argument("--ort-percentile", action="store_true", help="also ORT Percentile (16 and 128 only; ~GBs)")
+    ap.add_argument("--minilm", type=int, default=0, metavar="N", help="also MiniLM with N sentences (e.g. 100)")
     ap.add_argument("--size", type=int, default=640)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", help="write the raw results here")
@@ -209,6 +251,18 @@ def main() -> None:
                     flush=True,
                 )
     _table(results, counts, runners)
+    if args.minilm:
+        print(f"\nall-MiniLM-L6-v2, MatMul inputs, {args.minilm} sentences x 128 tokens (ORT Percentile: crash, 4.0 GB):")
+        for r in ("minilm-ours-minmax", "minilm-ours-percentile"):
+            res = run_child(r, args.minilm, args.size, args.timeout)
+            results.append(res)
+            if "error" in res:
+                print(f"  {r:24s} ERROR {res['error']}")
+            else:
+                print(
+                    f"  {r:24s} {res['time_s']:7.1f} s  peak {res['peak_rss_mb']:6.0f} MB  "
+                    f"({res['tensors']} tensors, {res['flagged']} non-finite/saturated)"
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
