@@ -97,12 +97,39 @@ def check_external_data(model: onnx.ModelProto, base_dir: pathlib.Path) -> list[
             length = int(info.get("length", 0) or 0)
         except ValueError:
             raise OnnxoptError(f"tensor {name!r}: external data offset/length is not a number") from None
+        expected = _expected_nbytes(tensor)
+        if expected is not None and "length" in info and length != expected:
+            # The data would be read with the tensor's shape, not this length: refuse the lie.
+            raise OnnxoptError(
+                f"tensor {name!r}: external data length {length} does not match its shape "
+                f"{list(tensor.dims)} ({expected} bytes)"
+            )
+        if expected is not None and "length" not in info:
+            length = expected
         if offset < 0 or length < 0 or offset + length > path.stat().st_size:
             raise OnnxoptError(
                 f"tensor {name!r}: external data range {offset}+{length} is past the end of {location!r}"
             )
         files.add(path)
     return sorted(files)
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's dims and type call for (None for strings and sub-byte types)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+        return None
+    if tensor.data_type in {
+        getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, n)
+    }:
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * itemsize
 
 
 def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:

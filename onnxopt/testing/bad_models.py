@@ -249,6 +249,17 @@ def fails_at_runtime(folder) -> pathlib.Path:
     return _save(model, folder, "fails_at_runtime.onnx")
 
 
+def external_wrong_length(folder) -> pathlib.Path:
+    """W is [4, 3] float (48 bytes) but its external data claims 20 bytes of a 100-byte file."""
+    (pathlib.Path(folder) / "w100.bin").write_bytes(b"\0" * 100)
+    path = _external(folder, "w100.bin", "ext_wrong_length.onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "length":
+            entry.value = "20"
+    return _save(model, folder, "ext_wrong_length.onnx")
+
+
 # name -> (builder, what the error must mention (lower-case substring, any of))
 BAD_MODELS = {
     "random_bytes": (random_bytes, ("not a valid onnx model",)),
@@ -277,5 +288,6 @@ BAD_MODELS = {
     "external_dotdot": (external_dotdot, ("outside",)),
     "external_symlink": (external_symlink, ("outside",)),
     "external_short": (external_short, ("past the end",)),
+    "external_wrong_length": (external_wrong_length, ("does not match its shape",)),
     "fails_at_runtime": (fails_at_runtime, ("does not run",)),
 }
