@@ -210,6 +210,18 @@ def collect_stats(
     n_samples = data.length_hint()
     if full:
         _estimate_bytes(inferred, full)
+        unknown = [t for t in full if t.est_bytes < 0]
+        if unknown:
+            # Shape inference lost a dim (MiniLM's batch goes through Expand/Slice of a
+            # constant): ask ORT for the element counts of the first feed; scalars only.
+            sizes = _probe_sizes(model, data.first(), [t.name for t in unknown], threads)
+            for t in unknown:
+                itemsize = _itemsize(t.dtype)
+                t.est_bytes = sizes[t.name] * itemsize if t.name in sizes else -1
+        fallback = max((t.est_bytes for t in full), default=0)
+        for t in full:
+            if t.est_bytes < 0:
+                t.est_bytes = fallback if fallback > 0 else _UNKNOWN_TENSOR_BYTES
     # Reduced tensors return scalars, so they ride along with the first group.
     groups = _pack(full, budget)
     if reduced:
@@ -321,6 +333,11 @@ def _infer_values(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, 
     for v in clone.graph.inputs:
         if v.name in feed:
             v.shape = ir.Shape(list(np.shape(feed[v.name])))
+    for node in clone.graph:
+        for v in node.outputs:
+            # Exporters' value_info carries symbolic dims ("batch"); inference keeps a declared
+            # symbolic dim instead of the concrete one, so drop them and infer afresh.
+            v.shape = None
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
@@ -348,26 +365,49 @@ def _infer_values(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, 
     return out
 
 
+def _itemsize(dtype: ir.DataType | None) -> int:
+    try:
+        return max(int(dtype.itemsize), 1) if dtype is not None else 4
+    except Exception:  # noqa: BLE001 - sub-byte / odd types
+        return 4
+
+
 def _estimate_bytes(values: Mapping[str, _Inferred], outputs: list[_Tracked]) -> None:
-    """Bytes per batch of each output (unknown: as large as the largest known one)."""
-    known = []
+    """Bytes per batch of each output from inferred shapes; -1 where a dim is unknown."""
     for t in outputs:
         v = values.get(t.name)
-        size = None
+        size = -1
         if v is not None and v.dims is not None and all(d is not None for d in v.dims):
-            dtype = t.dtype or v.dtype
-            try:
-                itemsize = dtype.itemsize if dtype is not None else 4
-            except Exception:  # noqa: BLE001 - sub-byte / odd types
-                itemsize = 4
-            size = int(math.prod(v.dims)) * max(int(itemsize), 1)  # type: ignore[arg-type]
-        t.est_bytes = -1 if size is None else size
-        if size is not None:
-            known.append(size)
-    fallback = max(known) if known else _UNKNOWN_TENSOR_BYTES
-    for t in outputs:
-        if t.est_bytes < 0:
-            t.est_bytes = fallback
+            size = int(math.prod(v.dims)) * _itemsize(t.dtype or v.dtype)  # type: ignore[arg-type]
+        t.est_bytes = size
+
+
+def _probe_sizes(model: ir.Model, feed: Mapping[str, np.ndarray], names: list[str], threads) -> dict[str, int]:
+    """Element counts of ``names`` for one feed, from Size nodes (only scalars come back)."""
+    from onnxopt.verify import make_session
+
+    clone = model.clone()
+    wanted = set(names)
+    outs = []
+    for node in list(clone.graph):
+        for v in node.outputs:
+            if v.name in wanted:
+                n = ir.node("Size", [v], name=f"{v.name}__calib_probe")
+                n.outputs[0].name = f"{v.name}__calib_probe"
+                n.outputs[0].dtype = ir.DataType.INT64
+                n.outputs[0].shape = ir.Shape([])
+                clone.graph.insert_after(node, [n])
+                clone.graph.outputs.append(n.outputs[0])
+                outs.append(v.name)
+    try:
+        sess = make_session(clone, threads=threads or DEFAULT_THREADS)
+        try:
+            got = sess.session.run([f"{n}__calib_probe" for n in outs], dict(feed))
+        finally:
+            sess.close()
+    except Exception:  # noqa: BLE001 - a probe only; the caller falls back to estimates
+        return {}
+    return {n: int(v) for n, v in zip(outs, got)}
 
 
 def _pack(outputs: list[_Tracked], budget: int) -> list[list[_Tracked]]:
