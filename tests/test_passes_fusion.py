@@ -557,3 +557,19 @@ def test_random_chains_through_default(seed):
     result = optimize(m, verify="off")
     assert [v.name for v in result.model.graph.outputs] == [v.name for v in m.graph.outputs]
     assert_same(m, result.model, {"x": rand(2, 4, 6, 6)}, rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_inside_loop_body_with_outer_weights():
+    # The body reads W and the BN parameters from the outer graph's initializers.
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Conv", ["h", "W"], ["c"]), bn_node("c", "h_out")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h", F, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("h_out", F, ["N", 4, 8, 8])],
+    )
+    m = model([helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)], [*X4, ("n", TensorProto.INT64, [])],
+              [("y", F, ["N", 4, 8, 8])], {"W": rand(4, 4, 1, 1) * 0.5, **bn_inits(4)})
+    out = run_passes(m, "fuse-batchnorm")
+    assert "BatchNormalization" not in ops(out)
+    assert_same(m, out, {"x": rand(1, 4, 8, 8), "n": np.array(3, np.int64)}, rtol=1e-4)
