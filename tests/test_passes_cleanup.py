@@ -536,3 +536,23 @@ def test_remove_noops_squeeze_without_axes_only_when_no_dim_can_be_one():
     assert n == 1  # the first Squeeze; CastLike keeps y (its data would be the graph input x)
     assert _ops(after) == {"Squeeze": 1, "CastLike": 1, "ReduceSum": 1}
     _same_outputs(model, after, _feeds(model, x=(2, 3), z=(1, 3)), _feeds(model, x=(2, 3), z=(4, 3)))
+
+
+def test_fold_never_allocates_a_huge_generated_constant():
+    # 10^12 elements: evaluating it first and checking the size afterwards would run out of memory.
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),
+        helper.make_node("Tile", ["row", "reps"], ["tiled"]),
+        helper.make_node("ReduceSum", ["zeros"], ["s1"], keepdims=0),
+        helper.make_node("ReduceSum", ["tiled"], ["s2"], keepdims=0),
+        helper.make_node("Add", ["s1", "s2"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1_000_000, 1_000_000], np.int64), "shape"),
+        numpy_helper.from_array(np.ones((1, 4), np.float32), "row"),
+        numpy_helper.from_array(np.array([1_000_000, 250_000], np.int64), "reps"),
+    ]
+    model = _model(nodes, [], [helper.make_tensor_value_info("y", F, [])], inits)
+    after, n = _run(fold_constants, model)
+    assert n == 0
+    assert _ops(after) == {"ConstantOfShape": 1, "Tile": 1, "ReduceSum": 2, "Add": 1}

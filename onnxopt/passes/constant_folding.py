@@ -34,7 +34,11 @@ Conditions (a node is left alone unless all hold):
 - size: an output of up to 16 Ki elements always folds; up to 1 Mi elements when it
   is at most 4x the constant inputs it reads; any size when it is no larger than the
   constant inputs that only this node reads (a weight transform: Transpose, Cast,
-  Mul of a weight replaces that weight);
+  Mul of a weight replaces that weight). The size is checked *before* evaluating
+  wherever it can be known (static inferred shape; the shape/repeats/range inputs of
+  ConstantOfShape, Expand, Tile, Range, OneHot, Resize), and those generating ops are
+  not evaluated at all without such an estimate, so folding never allocates a
+  tensor it would then refuse;
 - the evaluation succeeds and yields the dtype shape inference expects.
 
 Evaluation uses numpy for the common cheap ops and onnx's reference implementation
@@ -86,6 +90,9 @@ _NEVER_FOLD = frozenset(
     }
 )
 _INT_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
+# Ops whose output size is set by input *values*, not input sizes: never evaluated
+# without an estimate of how much they would allocate.
+_GENERATIVE = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "OneHot", "Resize", "Upsample", "EyeLike"})
 
 
 _ANONYMOUS_DIM_NAMES = frozenset({"", "?", "-1", "None", "none", "unk", "unknown", "dynamic"})
@@ -587,8 +594,57 @@ class _Folder:
             old.replace_all_uses_with(new_value, replace_graph_outputs=True)
         graph.remove(node, safe=True)
 
+    def estimated_elements(self, node: ir.Node, arrays: list[np.ndarray | None]) -> int | None:
+        """Output elements known before evaluating, or None.
+
+        Ops that generate data from a shape (ConstantOfShape, Expand, Tile, Range, ...)
+        could allocate far more than memory holds, so their size is computed from the
+        constant inputs first; any op with a statically inferred output shape is also
+        checked before it runs.
+        """
+        total = 0
+        for out in node.outputs:
+            shape = self.inferred.get(out)
+            if shape is None:
+                shape = out.shape
+            dims = [d if isinstance(d, int) and d >= 0 else None for d in shape] if shape is not None else [None]
+            if any(d is None for d in dims):
+                total = None
+                break
+            total += math.prod(dims)
+        if total is not None:
+            return total
+        op = node.op_type
+        try:
+            if op == "ConstantOfShape":
+                return math.prod(int(d) for d in arrays[0].reshape(-1))
+            if op == "Expand":
+                return math.prod(np.broadcast_shapes(arrays[0].shape, tuple(int(d) for d in arrays[1].reshape(-1))))
+            if op == "Tile":
+                return arrays[0].size * math.prod(int(r) for r in arrays[1].reshape(-1))
+            if op == "Range":
+                start, limit, delta = (float(a.reshape(-1)[0]) for a in arrays[:3])
+                return max(math.ceil((limit - start) / delta), 0) if delta else None
+            if op == "OneHot":
+                return arrays[0].size * int(arrays[1].reshape(-1)[0])
+            if op in ("Resize", "Upsample"):
+                sizes = arrays[3] if op == "Resize" and len(arrays) > 3 else None
+                if sizes is not None and sizes.size:
+                    return math.prod(int(d) for d in sizes.reshape(-1))
+                scales = arrays[2] if op == "Resize" and len(arrays) > 2 else (arrays[1] if len(arrays) > 1 else None)
+                if scales is not None and scales.size == arrays[0].ndim:
+                    return math.prod(math.floor(d * float(f)) for d, f in zip(arrays[0].shape, scales.reshape(-1)))
+                return None
+        except (ValueError, TypeError, IndexError, OverflowError, ZeroDivisionError):
+            return None
+        if op in _GENERATIVE:
+            return None
+        return sum(a.size for a in arrays if a is not None)  # other ops produce about what they read
+
     def size_ok(self, node: ir.Node, arrays: list[np.ndarray]) -> bool:
-        out = sum(a.size for a in arrays)
+        return self.count_ok(node, sum(a.size for a in arrays))
+
+    def count_ok(self, node: ir.Node, out: int) -> bool:
         if out <= ALWAYS_FOLD_ELEMENTS:
             return True
         inputs = [v for v in node.inputs if v is not None and v.const_value is not None]
@@ -737,6 +793,11 @@ class _Folder:
             return False
         arrays = [_const_array(v) if v is not None else None for v in node.inputs]
         if any(a is None and v is not None for a, v in zip(arrays, node.inputs)):
+            return False
+        estimate = self.estimated_elements(node, arrays)
+        if estimate is None and node.op_type in _GENERATIVE:
+            return False
+        if estimate is not None and estimate > ALWAYS_FOLD_ELEMENTS and not self.count_ok(node, estimate):
             return False
         outs = evaluate_node(node, arrays, self.opset)
         if outs is None or not self.dtype_ok(node, outs) or not self.size_ok(node, outs):
