@@ -573,3 +573,23 @@ def test_batchnorm_inside_loop_body_with_outer_weights():
     out = run_passes(m, "fuse-batchnorm")
     assert "BatchNormalization" not in ops(out)
     assert_same(m, out, {"x": rand(1, 4, 8, 8), "n": np.array(3, np.int64)}, rtol=1e-4)
+
+
+def test_real_minilm_opset14_gets_layernorm_and_gelu_with_target_opset():
+    # torch's opset-14 export writes LayerNorm out as ReduceMean/Sub/Pow/...: converting to
+    # opset 20 first lets all 13 LayerNorms and 6 GELUs fuse into single standard ops.
+    from onnxopt.model_io import load_model
+    from onnxopt.optimize import optimize
+    from onnxopt.testing import real_models as rm
+
+    try:
+        original = load_model(rm.minilm_model(opset=14))
+    except rm.RealModelUnavailable as e:
+        pytest.skip(str(e))
+    feeds = rm.encode_sentences(rm.sentences("eval", 4), seq_len=32)
+    result = optimize(original, inputs=feeds, target_opset=20)
+    hist = op_histogram(result.model)
+    assert result.rolled_back == {} and result.model.opset_imports[""] == 20
+    assert hist.get("LayerNormalization") == 13 and hist.get("Gelu") == 6
+    assert "ReduceMean" not in hist and "Erf" not in hist
+    assert_same(original, result.model, feeds, rtol=1e-4, atol=1e-5)
