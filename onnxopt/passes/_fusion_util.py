@@ -308,20 +308,22 @@ class NodeRewritePass(ir.passes.InPlacePass):
         self.model = model
         self.names = Names(model)
         count = 0
-        for graph, node in nodes_of(model):
-            if node.graph is None or node.domain not in ("", "ai.onnx"):
-                continue
-            if self.op_types and node.op_type not in self.op_types:
-                continue
-            if has_ref_attributes(node):
-                continue
-            try:
-                if self.rewrite(graph, node):
-                    count += 1
-            except _RefAttribute:
-                continue
+        try:
+            for graph, node in nodes_of(model):
+                if node.graph is None or node.domain not in ("", "ai.onnx"):
+                    continue
+                if self.op_types and node.op_type not in self.op_types:
+                    continue
+                if has_ref_attributes(node):
+                    continue
+                try:
+                    if self.rewrite(graph, node):
+                        count += 1
+                except _RefAttribute:
+                    continue
+        finally:
+            _ARRAYS.clear()  # do not keep weight copies alive between passes
         self.rewrites = count
-        _ARRAYS.clear()
         return ir.passes.PassResult(model, modified=count > 0)
 
     def opset(self, graph: ir.Graph | ir.Function) -> int | None:
