@@ -32,7 +32,20 @@ def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
 
 def count_nodes(model: ir.Model) -> int:
     """Nodes in the main graph and all subgraphs and functions."""
-    return sum(1 for _ in all_nodes(model))
+    # One plain walk (the pass manager calls this twice per pass run; onnx-ir's recursive
+    # subgraph iterator made it ~20% of optimize time on PP-OCR det). Same count as all_nodes.
+    total = 0
+    stack: list = [model.graph, *model.functions.values()]
+    while stack:
+        graph = stack.pop()
+        for node in graph:
+            total += 1
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    stack.append(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    stack.extend(attr.value)
+    return total
 
 
 def op_histogram(model: ir.Model) -> dict[str, int]:
