@@ -172,10 +172,33 @@ def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape | None]:
     fingerprint, alive = _fingerprint(graphs)
     cached = model.meta.get(_CACHE_KEY)
     if cached is not None and cached[0] == fingerprint:
-        return dict(cached[1])
-    result = _infer(model, graphs)
-    model.meta[_CACHE_KEY] = (fingerprint, result, alive)
+        if cached[1] is not None:
+            return dict(cached[1])
+        proto = cached[3]  # a pass left a proto describing this exact state
+    else:
+        proto = inference_proto(model)
+    result = infer_from_proto(model, proto, graphs) if proto is not None else {}
+    model.meta[_CACHE_KEY] = (fingerprint, result, alive, proto)
     return dict(result)
+
+
+def cached_inference_proto(model: ir.Model) -> onnx.ModelProto | None:
+    """A copy of the proto behind the last :func:`infer_shapes` result, if still current."""
+    cached = model.meta.get(_CACHE_KEY)
+    if cached is None or cached[3] is None:
+        return None
+    fingerprint, _ = _fingerprint([model.graph, *model.graph.subgraphs()])
+    if cached[0] != fingerprint:
+        return None
+    proto = onnx.ModelProto()
+    proto.CopyFrom(cached[3])
+    return proto
+
+
+def remember_inference_proto(model: ir.Model, proto: onnx.ModelProto) -> None:
+    """Record that ``proto`` describes the model as it is now (inference not yet run)."""
+    fingerprint, alive = _fingerprint([model.graph, *model.graph.subgraphs()])
+    model.meta[_CACHE_KEY] = (fingerprint, None, alive, proto)
 
 
 def inference_proto(model: ir.Model) -> onnx.ModelProto | None:
@@ -191,13 +214,6 @@ def inference_proto(model: ir.Model) -> onnx.ModelProto | None:
         return None
     _strip_value_info(proto.graph)
     return proto
-
-
-def _infer(model: ir.Model, graphs: list[ir.Graph]) -> dict[ir.Value, ir.Shape | None]:
-    proto = inference_proto(model)
-    if proto is None:
-        return {}
-    return infer_from_proto(model, proto, graphs)
 
 
 def infer_from_proto(

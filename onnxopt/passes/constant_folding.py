@@ -55,7 +55,15 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._shapes import ProtoEditor, infer_from_proto, infer_shapes, inference_proto, shape_of
+from onnxopt.passes._shapes import (
+    ProtoEditor,
+    cached_inference_proto,
+    infer_from_proto,
+    infer_shapes,
+    inference_proto,
+    remember_inference_proto,
+    shape_of,
+)
 from onnxopt.passes.registry import register_pass
 
 logger = logging.getLogger("onnxopt")
@@ -866,6 +874,8 @@ def fold_constants(model: ir.Model, *, max_rounds: int = 8) -> int:
     for round_ in range(max_rounds):
         if round_ == 0:
             inferred = infer_shapes(model)  # cached when an earlier pass already inferred
+            proto = cached_inference_proto(model)
+            editor = ProtoEditor(proto) if proto is not None else None
         elif editor is not None and not editor.dirty:
             editor.flush()
             inferred = infer_from_proto(model, editor.proto)
@@ -881,6 +891,10 @@ def fold_constants(model: ir.Model, *, max_rounds: int = 8) -> int:
         total += folder.folded
         if not folder.shape_folds:
             break
+    if total and editor is not None and not editor.dirty:
+        # The next pass's shape inference starts from this proto instead of serializing.
+        editor.flush()
+        remember_inference_proto(model, editor.proto)
     return total
 
 
