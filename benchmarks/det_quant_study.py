@@ -58,7 +58,23 @@ THREADS = 2
 
 
 def prepare_float(transform: str) -> onnx.ModelProto:
-    """fp32 det model, constants lifted, ``transform`` in {"none", "fold", "cle"}, opset 13."""
+    """fp32 det model, constants lifted, ``transform`` in {"none", "fold", "cle", "cle+hs"},
+    opset 13 ("cle+hs": opset 14 and the decomposed hard-swish fused into HardSwish by
+    onnxopt's ``fuse-hardswish`` pass, so the quantizer sees one op instead of four)."""
+    if transform == "cle+hs":
+        from onnxopt.optimize import optimize
+
+        # Fuse first: the affine folding would otherwise fold hard-swish's "/ 6" into the
+        # next conv and break the pattern.
+        proto = prepare_float("none")
+        proto = onnx.version_converter.convert_version(proto, 14)
+        model = ir.from_proto(proto)
+        ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        model = optimize(model, passes=["fuse-hardswish", "remove-unused"], verify="final",
+                         shapes={"x": [1, 3, 320, 320]}).model
+        equalize_cross_layer(model)
+        ir_common.RemoveUnusedNodesPass()(model)
+        return ir.to_proto(model)
     model = ir.load(str(ppocr_model("det")))
     ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     if transform == "fold":
@@ -195,6 +211,8 @@ SETTINGS: dict[str, dict] = {
     "cle+gptq": dict(transform="cle", gptq=True),
     "cle-allops+gptq": dict(transform="cle", ops=None, gptq=True),
     "cle-allops+gptq-excl-sensitive": dict(transform="cle", ops=None, gptq=True, exclude=SENSITIVE_CONVS),
+    "cle+hs": dict(transform="cle+hs"),
+    "cle+hs-allops": dict(transform="cle+hs", ops=None),
     "plain-allops": dict(transform="none", ops=None),
     "cle-allops": dict(transform="cle", ops=None),
     "cle+bc-allops": dict(transform="cle", ops=None, bias_correction=True),
