@@ -55,6 +55,9 @@ def cli(verbose: bool) -> None:
     onnxopt demo                                    optimize a bundled example and show the table
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="onnxopt: %(message)s")
+    # Python warnings (numpy's "invalid value in sqrt" on a degenerate weight, ...) go to the
+    # log, shown with -v, instead of raw lines on stderr: the safety net judges the result.
+    logging.captureWarnings(True)
 
 
 @cli.command()
