@@ -112,7 +112,8 @@ def find_layers(model: ir.Model, *, absorb_activations: bool = True) -> tuple[li
             out = node.outputs[0]
             consumers = list(out.consumers())
             act = consumers[0] if len(consumers) == 1 else None
-            if absorb_activations and act is not None and _absorbable_activation(act) and out.name not in graph_outputs:
+            if (absorb_activations and act is not None and _absorbable_activation(act)
+                    and out.name not in graph_outputs and act.outputs[0].name not in graph_outputs):
                 layer.absorbed_activation = act.name
                 layer.out_range_tensor = act.outputs[0].name
             elif out.name not in graph_outputs:

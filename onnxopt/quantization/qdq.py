@@ -57,7 +57,7 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _unique(graph: ir.Graph, base: str, taken: set[str]) -> str:
+def _unique(base: str, taken: set[str]) -> str:
     name, i = base, 1
     while name in taken:
         name = f"{base}_{i}"
@@ -96,19 +96,19 @@ def build_qdq(
         lo, hi = ranges[range_name]
         scale, zp = activation_qparams(lo, hi, scheme)
         base = tensor.name
-        s = _initializer(graph, _unique(graph, f"{base}_scale", taken), np.array(scale, dtype=np.float32))
-        z = _initializer(graph, _unique(graph, f"{base}_zero_point", taken), np.array(zp, dtype=scheme.act_numpy))
-        q = ir.node("QuantizeLinear", [tensor, s, z], name=_unique(graph, f"{base}_QuantizeLinear", taken))
-        q.outputs[0].name = _unique(graph, f"{base}_quantized", taken)
-        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=_unique(graph, f"{base}_DequantizeLinear", taken))
-        dq.outputs[0].name = _unique(graph, f"{base}_dequantized", taken)
+        s = _initializer(graph, _unique(f"{base}_scale", taken), np.array(scale, dtype=np.float32))
+        z = _initializer(graph, _unique(f"{base}_zero_point", taken), np.array(zp, dtype=scheme.act_numpy))
+        q = ir.node("QuantizeLinear", [tensor, s, z], name=_unique(f"{base}_QuantizeLinear", taken))
+        q.outputs[0].name = _unique(f"{base}_quantized", taken)
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=_unique(f"{base}_DequantizeLinear", taken))
+        dq.outputs[0].name = _unique(f"{base}_dequantized", taken)
         dq.outputs[0].dtype = tensor.dtype
         dq.outputs[0].shape = tensor.shape
         new_nodes.extend([q, dq])
         dq_of[tensor.name] = made[dq.outputs[0].name] = (dq.outputs[0], float(scale), int(zp))
         return dq_of[tensor.name]
 
-    weight_dq: dict[str, tuple[ir.Value, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    weight_dq: dict[str, tuple[ir.Value, np.ndarray, np.ndarray, np.ndarray]] = {}
     qlayers: list[QuantLayer] = []
     for layer in layers:
         node = nodes[layer.name]
@@ -116,18 +116,18 @@ def build_qdq(
         if layer.weight not in weight_dq:
             w = graph.initializers[layer.weight].const_value.numpy().astype(np.float32)
             q, scale = quantize_weight(w, axis)
-            wq = _initializer(graph, _unique(graph, f"{layer.weight}_quantized", taken), q)
-            ws = _initializer(graph, _unique(graph, f"{layer.weight}_scale", taken), scale)
-            wz = _initializer(graph, _unique(graph, f"{layer.weight}_zero_point", taken), np.zeros(scale.shape, np.int8))
+            wq = _initializer(graph, _unique(f"{layer.weight}_quantized", taken), q)
+            ws = _initializer(graph, _unique(f"{layer.weight}_scale", taken), scale)
+            wz = _initializer(graph, _unique(f"{layer.weight}_zero_point", taken), np.zeros(scale.shape, np.int8))
             attrs = {"axis": axis} if axis is not None else {}
             dq = ir.node("DequantizeLinear", [wq, ws, wz], attributes=attrs,
-                         name=_unique(graph, f"{layer.weight}_DequantizeLinear", taken))
-            dq.outputs[0].name = _unique(graph, f"{layer.weight}_dequantized", taken)
+                         name=_unique(f"{layer.weight}_DequantizeLinear", taken))
+            dq.outputs[0].name = _unique(f"{layer.weight}_dequantized", taken)
             dq.outputs[0].dtype = ir.DataType.FLOAT
             dq.outputs[0].shape = ir.Shape(w.shape)
             new_nodes.append(dq)
-            weight_dq[layer.weight] = (dq.outputs[0], scale, w, dequantize_weight(q, scale, axis), q)
-        w_dq, w_scale, w_float, w_deq, _ = weight_dq[layer.weight]
+            weight_dq[layer.weight] = (dq.outputs[0], scale, w, dequantize_weight(q, scale, axis))
+        w_dq, w_scale, w_float, w_deq = weight_dq[layer.weight]
         x = node.inputs[0]
         x_dq, x_scale, x_zp = qdq(x, layer.act_input)
         node.replace_input_with(0, x_dq)
@@ -174,13 +174,13 @@ def quantize_biases(model: ir.Model, qlayers: list[QuantLayer]) -> int:
         q = np.rint(b / scale.astype(np.float64))
         if np.any(np.abs(q) > 2**31 - 1):
             continue  # would overflow int32: keep the float bias
-        bq = _initializer(graph, _unique(graph, f"{bias_value.name}_quantized", taken), q.astype(np.int32))
-        bs = _initializer(graph, _unique(graph, f"{bias_value.name}_scale", taken), scale)
-        bz = _initializer(graph, _unique(graph, f"{bias_value.name}_zero_point", taken), np.zeros(scale.shape, np.int32))
+        bq = _initializer(graph, _unique(f"{bias_value.name}_quantized", taken), q.astype(np.int32))
+        bs = _initializer(graph, _unique(f"{bias_value.name}_scale", taken), scale)
+        bz = _initializer(graph, _unique(f"{bias_value.name}_zero_point", taken), np.zeros(scale.shape, np.int32))
         attrs = {"axis": 0} if scale.ndim == 1 else {}
         dq = ir.node("DequantizeLinear", [bq, bs, bz], attributes=attrs,
-                     name=_unique(graph, f"{bias_value.name}_DequantizeLinear", taken))
-        dq.outputs[0].name = _unique(graph, f"{bias_value.name}_dequantized", taken)
+                     name=_unique(f"{bias_value.name}_DequantizeLinear", taken))
+        dq.outputs[0].name = _unique(f"{bias_value.name}_dequantized", taken)
         dq.outputs[0].dtype = ir.DataType.FLOAT
         graph.insert_before(node, dq)
         node.replace_input_with(2, dq.outputs[0])
