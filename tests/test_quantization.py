@@ -285,3 +285,31 @@ def test_cli_bad_inputs(small_cnn, tmp_path, capsys):
     code, err = _cli(capsys, out, "-o", tmp_path / "qq.onnx", "--calib", npz)
     assert code == 2 and "already quantized" in err and not (tmp_path / "qq.onnx").exists()
     make_session(ir.load(str(out))).close()
+
+
+def test_hooks_see_float_model_and_quantized_layers(small_cnn):
+    path, feeds = small_cnn
+    seen = {}
+
+    def record_float(model, ctx):
+        seen["float_ops"] = [n.op_type for n in model.graph]
+        seen["calib"] = sum(1 for _ in ctx.calib)
+        return "looked"
+
+    def shift_bias(qmodel, ctx):
+        # A bias-correction-like edit: conv2 has no bias; give it one of +0.5 per channel.
+        layer = next(l for l in ctx.layers if l.name == "conv2")
+        assert layer.float_weight.shape == (4, 8, 1, 1) and layer.weight_scale.shape == (4,)
+        assert np.abs(layer.dequantized_weight - layer.float_weight).max() <= layer.weight_scale.max() / 2 + 1e-7
+        bias = ctx.ensure_bias(layer)
+        bias.const_value = ir.tensor(np.full(4, 0.5, np.float32), name=bias.name)
+
+    res = quantize(path, feeds, float_transforms=[record_float], weight_transforms=[shift_bias], progress=False)
+    assert seen["float_ops"] == ["Conv", "Relu", "Conv"] and seen["calib"] == len(feeds)
+    assert res.report["hooks"]["float_transforms"] == [{"name": "record_float", "summary": "looked"}]
+    conv2 = next(n for n in res.model.graph if n.name == "conv2")
+    bias_dq = conv2.inputs[2].producer()
+    assert bias_dq.op_type == "DequantizeLinear" and bias_dq.inputs[0].const_value.dtype == ir.DataType.INT32
+    base = quantize(path, feeds, progress=False).model
+    diff = run_model(res.model, feeds[0])["y"] - run_model(base, feeds[0])["y"]
+    assert np.allclose(diff, 0.5, atol=1e-3)  # the int32 bias carries the hook's edit

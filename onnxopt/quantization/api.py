@@ -86,19 +86,12 @@ def _run_hooks(hooks: Sequence, model: ir.Model, ctx: QuantContext, key: str) ->
     entries = []
     for hook in hooks:
         name = getattr(hook, "__name__", type(hook).__name__)
-        if hasattr(hook, "call") and not callable(getattr(hook, "__call__", None)):
-            raise OnnxoptError(f"{key}: {name} is not callable")
-        try:
-            out = hook(model, ctx) if not _is_ir_pass(hook) else hook(model)
-        except OnnxoptError:
-            raise
+        if not callable(hook):
+            raise OnnxoptError(f"{key}: {name!r} is not callable")
+        out = hook(model) if isinstance(hook, ir.passes.PassBase) else hook(model, ctx)
         entries.append({"name": name, "summary": out if isinstance(out, str) else None})
     if entries:
         ctx.report.setdefault("hooks", {})[key] = entries
-
-
-def _is_ir_pass(obj) -> bool:
-    return isinstance(obj, ir.passes.PassBase)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
