@@ -22,6 +22,19 @@ Accuracy: fp32 vs int8 masks on all eval images (``det_mask_iou``).  Speed: fp32
 (the ORIGINAL model, not our folded one) vs int8, 2 intra-op threads, interleaved
 A B A B, median of per-pair ratios.
 
+Measured (2026-11-23, 2-core box shared with other jobs, so speedups carry +-0.1 noise;
+pooled IoU moves by +-0.03 between calibration subsets of 6/8/10 images):
+
+* no setting meets both targets; the min-IoU target is below the fp32 model's own noise
+  floor (``--noise-floor``: half a grey level of input noise gives min IoU 0.835 on
+  moon.png, fp16 weights 0.89, 10-bit weights alone 0.77; 8-bit weights alone 0.925 pooled);
+* CLE with affine folding is the one large gain: ORT all-ops QDQ pooled 0.59 -> 0.81
+  (1.54x); Conv-only 0.77 -> 0.86 (1.37x); per-tensor weights 0.64 -> 0.68;
+* fusing hard-swish first (``cle+hs``): Conv-only pooled 0.87 at ~1.45x (but the float
+  rewrites alone make fp32 1.23x faster); all ops 0.82 at ~1.55x;
+* bias correction, GPTQ rounding, percentile/MSE/entropy ranges, excluding the head / the
+  first conv / the most sensitive convs: no gain beyond the calibration noise, several losses.
+
 Run:  python benchmarks/det_quant_study.py                     (all settings)
       python benchmarks/det_quant_study.py --settings plain,cle --runs 10
       python benchmarks/det_quant_study.py --sensitivity cle      (per-tensor sensitivity)
@@ -213,6 +226,11 @@ SETTINGS: dict[str, dict] = {
     "cle-allops+gptq-excl-sensitive": dict(transform="cle", ops=None, gptq=True, exclude=SENSITIVE_CONVS),
     "cle+hs": dict(transform="cle+hs"),
     "cle+hs-allops": dict(transform="cle+hs", ops=None),
+    # The input x = (2p - 255)/255 sits at odd multiples of 1/255; a uint8 grid with scale
+    # 2/255 and an integer zero point holds only even ones, so quantizing x adds exactly
+    # half a grey level of error to every pixel: keep the (cheap, 3-channel) first conv float.
+    "cle+hs-float-first": dict(transform="cle+hs", exclude=FIRST_CONV),
+    "cle+hs-allops-float-first": dict(transform="cle+hs", ops=None, exclude=FIRST_CONV),
     "plain-allops": dict(transform="none", ops=None),
     "cle-allops": dict(transform="cle", ops=None),
     "cle+bc-allops": dict(transform="cle", ops=None, bias_correction=True),
