@@ -89,7 +89,7 @@ def _group(node: ir.Node) -> int:
 
 
 def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    taken = set(graph.initializers)
+    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
     base, k = name, 0
     while name in taken:
         k += 1

@@ -343,6 +343,7 @@ def fold_affine_into_conv(model: ir.Model, *, before: bool = True) -> int:
             while before and _fold_one_before(graph, node):
                 removed += 1
                 changed = True
+    graph.meta.pop("onnxopt.cle_names", None)  # the name cache is valid for one call only
     return removed
 
 
@@ -498,6 +499,7 @@ def equalize_cross_layer(
     The function is exact in real arithmetic; in float32 outputs change by ~1e-6 relative.
     """
     stats = CLEStats()
+    model.graph.meta.pop("onnxopt.cle_names", None)
     if fold_affine:
         stats.folded = fold_affine_into_conv(model)
     pairs = find_conv_pairs(model, stats.skipped)
