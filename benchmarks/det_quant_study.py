@@ -249,6 +249,7 @@ SETTINGS: dict[str, dict] = {
     "oq-cle+bc-excl-first-head": dict(backend="onnxopt", hooks=("cle", "bc"), exclude=FIRST_CONV + ("p2o.Conv.61",)),
     "oq-cle+bc-maxdrop": dict(backend="onnxopt", hooks=("cle", "bc"), max_drop=0.002),
     "oq-cle+ebc": dict(backend="onnxopt", hooks=("cle", "ebc")),
+    "oq-cle+hs": dict(backend="onnxopt", transform="cle+hs"),
     # the 5 convs whose int8 weights alone hurt the CALIBRATION masks most (single-layer study)
     "oq-cle-excl-sensitive": dict(backend="onnxopt", hooks=("cle",), exclude=SENSITIVE_CONVS),
     "oq-cle+gptq-excl-sensitive": dict(backend="onnxopt", hooks=("cle", "gptq"), exclude=SENSITIVE_CONVS),
@@ -270,8 +271,12 @@ def build_onnxopt(setting: dict, calib_feeds) -> onnx.ModelProto:
 
     weight_transforms = ([gptq_weight_rounding] if "gptq" in hooks else []) + ([bias_correction] if "bc" in hooks else []) \
         + ([empirical_bias_correction] if "ebc" in hooks else [])
+    source = str(ppocr_model("det"))
+    if setting.get("transform") == "cle+hs":
+        # fuse-hardswish needs opset 14 and must run before CLE's affine folding
+        source = ir.from_proto(prepare_float("cle+hs"))
     res = quantize(
-        str(ppocr_model("det")),
+        source,
         calib_feeds,
         method=setting.get("method", "minmax"),
         per_channel=setting.get("per_channel", True),
