@@ -49,6 +49,8 @@ def cli(verbose: bool) -> None:
 
     \b
     onnxopt optimize model.onnx -o model.opt.onnx   graph rewrites, verified against the original
+    onnxopt quantize model.onnx -o model.int8.onnx --calib DATA   static int8 (QDQ)
+    onnxopt bench model.onnx model.opt.onnx         interleaved latency, speedup with an interval
     onnxopt compare model.onnx model.opt.onnx       same answers? per-output errors
     onnxopt inspect model.onnx                      opsets, inputs, op histogram, parameters
     onnxopt passes                                  every pass and preset
