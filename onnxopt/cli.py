@@ -365,6 +365,8 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
     kernels = ", ".join(f"{k} x{v}" for k, v in rep["ort_fused_kernels"].items()) or "none"
     out.print(f"{output}: {rep['quantized_layers']} layers int8, {rep['float_layers']} float ({rep['scheme']})")
     out.print(f"ONNX Runtime kernels: {kernels}")
+    if rep["calibration"]["is_random"]:
+        console.print("onnxopt: warning: calibrated on random data (a smoke test): ranges do not reflect real inputs")
     if "fallback" in rep:
         fb = rep["fallback"]
         out.print(f"output drop (1 - cosine, held-out calibration samples): {fb['before']:.4f} -> {fb['after']:.4f}"
