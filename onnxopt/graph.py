@@ -75,3 +75,34 @@ def parameter_stats(model: ir.Model) -> tuple[int, int]:
 
 def opset_version(model: ir.Model, domain: str = "") -> int | None:
     return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx") if domain == "" else None)
+
+
+def annotated_intermediates(model: ir.Model) -> set[str]:
+    """Names of intermediate values (node outputs, not graph outputs) with a type or shape."""
+    names = set()
+    for graph in all_graphs(model):
+        for node in graph:
+            for value in node.outputs:
+                if (value.shape is not None or value.type is not None) and not value.is_graph_output():
+                    names.add(value.name)
+    return names
+
+
+def drop_new_annotations(model: ir.Model, keep: set[str]) -> int:
+    """Clear shapes and types of intermediate values the original model did not annotate.
+
+    Passes infer shapes for their own proofs; saving them changes which fusions ONNX
+    Runtime applies at load time (MiniLM: 12 extra SkipLayerNormalization, measured
+    slower), so the output carries the annotations its input had and no more.
+    """
+    cleared = 0
+    for graph in all_graphs(model):
+        for node in graph:
+            for value in node.outputs:
+                if value.is_graph_output() or value.name in keep:
+                    continue
+                if value.shape is not None or value.type is not None:
+                    value.shape = None
+                    value.type = None
+                    cleared += 1
+    return cleared

@@ -91,8 +91,12 @@ def optimize(
         from onnxopt.inputs import check_input_names
 
         check_input_names(ir_model, list(shapes))
+    from onnxopt.graph import annotated_intermediates, drop_new_annotations
+
+    annotated = annotated_intermediates(ir_model)
     manager = PassManager(specs, verifier=verifier, verify=verify, progress=progress)
     result = manager.run(ir_model)
+    drop_new_annotations(result.model, annotated)
     check_model(result.model)
     return result
 

@@ -279,3 +279,16 @@ def test_subgraphs_and_functions_survive(tmp_path):
         np.testing.assert_array_equal(
             run_model(model_io.load_model(tmp_path / "if.opt.onnx"), feeds)["y"], run_model(model_io.load_model(path), feeds)["y"]
         )
+
+
+def test_saved_model_carries_no_new_intermediate_shapes(tmp_path):
+    """Shapes inferred during folding stay out of the output (they change ORT's fusions)."""
+    from tests.conftest import real_model
+
+    src = real_model("cls")
+    before = {v.name for v in onnx.load(src).graph.value_info}
+    onnxopt.optimize_file(src, tmp_path / "cls.opt.onnx")
+    out = onnx.load(tmp_path / "cls.opt.onnx")
+    produced = {o for n in out.graph.node for o in n.output}
+    annotated = {v.name for v in out.graph.value_info if v.type.tensor_type.HasField("shape")}
+    assert not (annotated & produced) - before
