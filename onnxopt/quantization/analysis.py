@@ -79,8 +79,10 @@ def find_layers(model: ir.Model, *, absorb_activations: bool = True) -> tuple[li
         x = node.inputs[0]
         w = node.inputs[1] if len(node.inputs) > 1 else None
         wt = _const(w)
-        if wt is None or not _is_float(x):
-            skipped[node.name] = "no constant weight" if wt is None else "input is not float"
+        # Conv/MatMul/Gemm take both operands of one type T, so the weight's dtype says what
+        # the activation is even where the graph carries no annotation for it.
+        if wt is None or wt.dtype not in _FLOAT_TYPES or (x is not None and x.dtype is not None and not _is_float(x)):
+            skipped[node.name] = "no constant weight" if wt is None else "not a float layer"
             continue
         if x.is_initializer() or x.const_value is not None:
             skipped[node.name] = "both operands constant"

@@ -102,8 +102,9 @@ def build_qdq(
         q.outputs[0].name = _unique(f"{base}_quantized", taken)
         dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=_unique(f"{base}_DequantizeLinear", taken))
         dq.outputs[0].name = _unique(f"{base}_dequantized", taken)
-        dq.outputs[0].dtype = tensor.dtype
-        dq.outputs[0].shape = tensor.shape
+        if tensor.dtype is not None:  # annotate only what the float graph annotated
+            dq.outputs[0].dtype = tensor.dtype
+            dq.outputs[0].shape = tensor.shape
         new_nodes.extend([q, dq])
         dq_of[tensor.name] = made[dq.outputs[0].name] = (dq.outputs[0], float(scale), int(zp))
         return dq_of[tensor.name]

@@ -107,8 +107,9 @@ def apply_smoothquant(
             graph.register_initializer(inv)
             mul = ir.node("Mul", [x, inv], name=f"{x_name}_SmoothQuant")
             mul.outputs[0].name = f"{x_name}_smoothed"
-            mul.outputs[0].dtype = x.dtype
-            mul.outputs[0].shape = x.shape
+            if x.dtype is not None:
+                mul.outputs[0].dtype = x.dtype
+                mul.outputs[0].shape = x.shape
             first = min(group_nodes, key=lambda n: list(graph).index(n))
             graph.insert_before(first, mul)
             for node in group_nodes:
