@@ -313,3 +313,30 @@ def test_hooks_see_float_model_and_quantized_layers(small_cnn):
     base = quantize(path, feeds, progress=False).model
     diff = run_model(res.model, feeds[0])["y"] - run_model(base, feeds[0])["y"]
     assert np.allclose(diff, 0.5, atol=1e-3)  # the int32 bias carries the hook's edit
+
+
+def test_smoothquant_folds_into_layernorm_and_keeps_the_function(tmp_path):
+    rng = np.random.default_rng(1)
+    gamma = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    gamma[3] = 20.0  # an outlier channel, as in BERT's LayerNorm outputs
+    inits = [numpy_helper.from_array(gamma, "g"), numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32) * 0.2, "wq"),
+             numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32) * 0.2, "wk")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], axis=-1, name="ln"),
+             helper.make_node("MatMul", ["ln", "wq"], ["q"], name="mq"),
+             helper.make_node("MatMul", ["ln", "wk"], ["k"], name="mk")]
+    graph = helper.make_graph(nodes, "sq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16])],
+                              [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4, 8]),
+                               helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "sq.onnx"
+    onnx.save(model, path)
+    feeds = [{"x": rng.standard_normal((1, 4, 16)).astype(np.float32)} for _ in range(8)]
+    res = quantize(path, feeds, smoothquant="on", progress=False)
+    (group,) = res.report["smoothquant"]["groups"]
+    assert group["how"] == "folded into LayerNormalization" and sorted(group["layers"]) == ["mk", "mq"]
+    assert group["act_absmax_after"] < group["act_absmax_before"] / 2
+    ref = run_model(ir.load(str(path)), feeds[0])
+    out = run_model(res.model, feeds[0])
+    for name in ("q", "k"):
+        assert np.abs(out[name] - ref[name]).max() < 0.05 * np.abs(ref[name]).max()
