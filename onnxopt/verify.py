@@ -164,9 +164,22 @@ def _has_external(model: ir.Model) -> bool:
 
 
 def make_session(
-    model: ir.Model, *, threads: int | None = None, optimize: bool = True, providers: Sequence[str] = ("CPUExecutionProvider",)
+    model: ir.Model,
+    *,
+    threads: int | None = None,
+    optimize: bool = True,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    options: ort.SessionOptions | None = None,
 ) -> _Session:
-    return _Session(model, session_options(threads, optimize=optimize), providers)
+    """An ORT session for ``model``, in memory or (external data, > 1.8 GB) from a temp folder.
+
+    ``options``: session options to use instead of ``session_options(threads, optimize=...)``
+    (e.g. with ``optimized_model_filepath`` set); every session built from an ir.Model should
+    come through here, because bytes from ``to_proto(...).SerializeToString()`` lose the
+    folder external weights are resolved against.
+    """
+    so = options if options is not None else session_options(threads, optimize=optimize)
+    return _Session(model, so, providers)
 
 
 def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray], *, threads: int | None = None) -> dict[str, np.ndarray]:

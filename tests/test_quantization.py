@@ -340,3 +340,85 @@ def test_smoothquant_folds_into_layernorm_and_keeps_the_function(tmp_path):
     out = run_model(res.model, feeds[0])
     for name in ("q", "k"):
         assert np.abs(out[name] - ref[name]).max() < 0.05 * np.abs(ref[name]).max()
+
+
+# ----------------------------------------------------------------------------------------
+# Models with external data, and IR version 3 exports (conformance findings)
+# ----------------------------------------------------------------------------------------
+
+
+def _cnn_proto(opset: int, softmax: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3, "w1"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "b1"),
+        numpy_helper.from_array(rng.standard_normal((8, 16, 1, 1)).astype(np.float32) * 0.3, "w2"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2" if softmax else "y"], name="conv2"),
+    ]
+    if softmax:  # Softmax changed meaning at opset 13: ensure_opset takes the version converter
+        nodes.append(helper.make_node("Softmax", ["c2"], ["y"], axis=1, name="softmax"))
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _feeds(n: int = 6) -> list[dict]:
+    rng = np.random.default_rng(2)
+    return [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("opset, softmax", [(13, False), (11, False), (11, True)])
+def test_external_data_model_quantizes_from_another_directory(tmp_path, monkeypatch, opset, softmax):
+    """Weights in ``w.data`` next to the model; run from another folder, so any session built
+    from serialized bytes (weights resolved against the current directory) fails."""
+    from onnxopt.quantization.bias_correction import bias_correction
+    from onnxopt.quantization.rounding import gptq_weight_rounding
+
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / "model.onnx"
+    onnx.save(_cnn_proto(opset, softmax), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    feeds = _feeds()
+    res = quantize(path, feeds, weight_transforms=[bias_correction, gptq_weight_rounding], progress=False)
+    assert res.report["opset"]["to"] == 13
+    assert res.report["opset"]["how"] == ("unchanged" if opset == 13 else "converted" if softmax else "bumped")
+    assert [h["name"] for h in res.report["hooks"]["weight_transforms"]] == ["bias_correction", "gptq_weight_rounding"]
+    assert res.report["quantized_layers"] == 2
+    assert res.report["ort_fused_kernels"].get("QLinearConv", 0) + res.report["ort_fused_kernels"].get("QuantizeLinear", 0) > 0
+    check_model(res.model)
+    ref = run_model(ir.load(str(path)), feeds[0])["y"]
+    got = run_model(res.model, feeds[0])["y"]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(path), "-o", str(out), "--calib", "random", "--quiet"]) in (0, None)
+    assert out.exists() and not list(elsewhere.iterdir())
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_ir3_model_initializers_not_inputs_after_quantization(tmp_path, per_channel):
+    """An opset 8 / IR 3 export lists every initializer as a graph input; the quantized model
+    (new initializers: scales, zero points, int8 weights) gets IR 7 instead of failing the checker."""
+    proto = _cnn_proto(8)
+    proto.ir_version = 3
+    for init in proto.graph.initializer:
+        proto.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    onnx.checker.check_model(proto)
+    path = tmp_path / "ir3.onnx"
+    onnx.save(proto, path)
+    feeds = _feeds()
+    res = quantize(path, feeds, per_channel=per_channel, progress=False)
+    assert res.model.ir_version >= 7 and res.report["quantized_layers"] == 2
+    assert len([n for n in res.model.graph if n.op_type == "QuantizeLinear"]) >= 2
+    check_model(res.model)
+    ref = run_model(ir.load(str(path)), feeds[0])["y"]
+    got = run_model(res.model, feeds[0])["y"]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()

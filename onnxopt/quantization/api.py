@@ -5,7 +5,7 @@ Pipeline (each step's outcome goes into the report):
 1. refuse an already quantized model; run the float ``default`` optimize pipeline (with its
    safety net) so BatchNorm is folded and constants are initializers;
 2. load the calibration data (``onnxopt.calibration``), raise the opset to 13 where
-   per-channel weights need it (:mod:`.opset`), run the ``float_transforms`` hooks;
+   per-channel weights need it, else to 10 (QDQ's first opset) (:mod:`.opset`), run the ``float_transforms`` hooks;
 3. find the layers (:mod:`.analysis`), drop ``--exclude`` matches and anything on a mask path;
 4. SmoothQuant for MatMul groups (transformers), then one streaming calibration pass for all
    activation ranges; layers whose input range is not finite or saturated stay float;
@@ -118,15 +118,19 @@ def _cosine_drop(refs: list[dict], outs: list[dict]) -> tuple[float, float]:
 def fused_kernels(model: ir.Model) -> dict[str, int]:
     """Op histogram of ONNX Runtime's optimized graph, restricted to quantized kernels."""
     import onnx
-    import onnxruntime as ort
 
-    from onnxopt.verify import session_options
+    from onnxopt.verify import make_session, session_options
 
     with tempfile.TemporaryDirectory(prefix="onnxopt-fused-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
         so = session_options(1)
         so.optimized_model_filepath = path
-        ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        # Weights of the optimized copy go to a side file: a > 2 GB graph cannot be one proto
+        # (and only the node list is read back).
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        # make_session, not bytes: a model with external weights is written to a folder ORT
+        # can resolve them from (bytes resolve them against the current directory).
+        make_session(model, options=so).close()
         proto = onnx.load(path, load_external_data=False)
     counts: dict[str, int] = {}
     for node in proto.graph.node:
@@ -219,11 +223,11 @@ def quantize(
                           "held_out": h, "is_random": bool(getattr(data, "is_random", False))}
     first_feed = next(iter(data))
 
-    if scheme.per_channel:
-        before = opset_version(model)
-        model, how = ensure_opset(model, 13, feeds=first_feed)
-        ir.passes.common.NameFixPass()(model)
-        rep["opset"] = {"from": before, "to": opset_version(model), "how": how}
+    # QuantizeLinear/DequantizeLinear exist from opset 10; a per-channel axis needs 13.
+    before = opset_version(model)
+    model, how = ensure_opset(model, 13 if scheme.per_channel else 10, feeds=first_feed)
+    ir.passes.common.NameFixPass()(model)
+    rep["opset"] = {"from": before, "to": opset_version(model), "how": how}
 
     ctx = QuantContext(float_model=model, calib=calib_data, scheme=scheme, report=rep)
     _run_hooks(float_transforms, model, ctx, "float_transforms")

@@ -171,16 +171,10 @@ def _dequantize(dq: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] |
 def conv_input_means(model: ir.Model, feeds: Iterable[Mapping[str, np.ndarray]], names: list[str], threads: int | None = None) -> dict[str, np.ndarray]:
     """Per-channel mean (over all axes but 1) of the named tensors, streamed over ``feeds``
     through ONNX Runtime (the tensors are added as extra outputs of a copy of the model)."""
+    from onnxopt.quantization.qdq import with_outputs
     from onnxopt.verify import make_session
 
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    import onnx
-
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    sess = make_session(ir.from_proto(proto), threads=threads)
+    sess = make_session(with_outputs(model, names), threads=threads)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     try:

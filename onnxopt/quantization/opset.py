@@ -48,6 +48,22 @@ def _lift_constants(model: ir.Model) -> None:
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
 
 
+# The IR version that goes with opset 13. Older exports (opset <= 8) carry IR 3, where every
+# initializer must also be a graph input; the new initializers of an upgrade or of QDQ would
+# then fail the checker. IR versions are backward compatible, so raising it is always safe.
+MIN_IR_VERSION = 7
+
+
+def raise_ir_version(model: ir.Model) -> None:
+    """Set ``model.ir_version`` to at least :data:`MIN_IR_VERSION` (in place)."""
+    model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
+
+
+def _external_base_dirs(model: ir.Model) -> set[str]:
+    return {v.const_value.base_dir for g in model.graphs() for v in g.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+
+
 def ensure_opset(model: ir.Model, target: int = 13, feeds=None) -> tuple[ir.Model, str]:
     """Return (model at opset >= target, how: "unchanged"|"bumped"|"converted").
 
@@ -59,10 +75,12 @@ def ensure_opset(model: ir.Model, target: int = 13, feeds=None) -> tuple[ir.Mode
     current = opset_version(model) or 0
     if current >= target:
         return model, "unchanged"
+    hint = "; try --per-tensor" if target > 10 else ""  # per-tensor QDQ needs only opset 10
     ops = {n.op_type for n in all_nodes(model) if n.domain in ("", "ai.onnx")}
     if not ops & _NEEDS_CONVERTER:
-        bumped = ir.from_proto(ir.to_proto(model))
+        bumped = model.clone()  # shares the tensors: external weights stay where they are
         bumped.opset_imports[""] = target
+        raise_ir_version(bumped)
         for node in all_nodes(bumped):
             if node.domain in ("", "ai.onnx"):
                 node.version = None
@@ -78,17 +96,22 @@ def ensure_opset(model: ir.Model, target: int = 13, feeds=None) -> tuple[ir.Mode
         proto = onnx.version_converter.convert_version(ir.to_proto(model), target)
     except Exception as e:  # noqa: BLE001 - the converter raises assorted errors
         raise OnnxoptError(
-            f"per-channel quantization needs opset {target}, and onnx's version converter cannot upgrade this "
-            f"model from opset {current}: {str(e).splitlines()[0][:200]}; try --per-tensor"
+            f"{'per-channel ' if target > 10 else ''}quantization needs opset {target}, and onnx's version converter "
+            f"cannot upgrade this model from opset {current}: {str(e).splitlines()[0][:200]}{hint}"
         ) from None
     converted = ir.from_proto(proto)
+    # External weights come back relative to the current directory; point them at their folder.
+    base_dirs = _external_base_dirs(model)
+    if len(base_dirs) == 1:
+        ir.external_data.set_base_dir(converted.graph, base_dirs.pop())
+    raise_ir_version(converted)
     _lift_constants(converted)
     try:
         check_model(converted)
     except Exception as e:  # noqa: BLE001
-        raise OnnxoptError(f"the opset {target} upgrade of this model is invalid ({e}); try --per-tensor") from None
+        raise OnnxoptError(f"the opset {target} upgrade of this model is invalid ({e}){hint}") from None
     if feeds is not None and not _same_outputs(model, converted, feeds):
-        raise OnnxoptError(f"the opset {target} upgrade changes this model's outputs; try --per-tensor")
+        raise OnnxoptError(f"the opset {target} upgrade changes this model's outputs{hint}")
     return converted, "converted"
 
 

@@ -20,12 +20,14 @@ optimized graph):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxopt.quantization.analysis import Layer
+from onnxopt.quantization.opset import raise_ir_version
 from onnxopt.quantization.scheme import Scheme, activation_qparams, dequantize_weight, quantize_weight
 
 
@@ -48,6 +50,29 @@ class QuantLayer:
 
 def clone_model(model: ir.Model) -> ir.Model:
     return model.clone()
+
+
+def with_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
+    """A clone of ``model`` (sharing its tensors) with the float tensors ``names`` added as outputs.
+
+    A clone, not an ``ir.to_proto``/``ir.from_proto`` round trip: that copies every in-memory
+    weight into the proto and loses the folder external weights are resolved against.
+    """
+    clone = clone_model(model)
+    graph = clone.graph
+    values = {v.name: v for v in graph.inputs}
+    for node in graph:
+        for v in node.outputs:
+            values[v.name] = v
+    existing = {v.name for v in graph.outputs}
+    for name in dict.fromkeys(names):
+        if name in existing:
+            continue
+        value = values[name]
+        if value.type is None:
+            value.dtype = ir.DataType.FLOAT
+        graph.outputs.append(value)
+    return clone
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -77,6 +102,7 @@ def build_qdq(
     ``ranges``: {tensor: (lo, hi)} for every layer's input and quantized output range tensor.
     """
     model = clone_model(float_model)
+    raise_ir_version(model)  # IR 3 (opset <= 8 exports) would demand every new initializer as an input
     graph = model.graph
     nodes = {n.name: n for n in graph}
     values = {v.name: v for v in graph.inputs}

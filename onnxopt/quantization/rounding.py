@@ -91,8 +91,7 @@ def conv_input_hessians(
     The conv inputs are fetched as extra outputs of ``model`` (one ORT session), one feed
     at a time; nothing but the running sums is kept.
     """
-    import onnx
-
+    from onnxopt.quantization.qdq import with_outputs
     from onnxopt.verify import make_session
 
     geos = {}
@@ -105,11 +104,7 @@ def conv_input_hessians(
         geo = _conv_geometry(node, shape) if shape else None
         if geo is not None:
             geos[node.name] = (node.inputs[0].name, geo)
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for name in {src for src, _ in geos.values()} - existing:
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    sess = make_session(ir.from_proto(proto), threads=threads)
+    sess = make_session(with_outputs(model, sorted({src for src, _ in geos.values()})), threads=threads)
     rng = np.random.default_rng(seed)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
