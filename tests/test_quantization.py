@@ -417,6 +417,9 @@ def test_ir3_model_initializers_not_inputs_after_quantization(tmp_path, per_chan
     feeds = _feeds()
     res = quantize(path, feeds, per_channel=per_channel, progress=False)
     assert res.model.ir_version >= 7 and res.report["quantized_layers"] == 2
+    # The float weights are neither dead inputs nor left in the file.
+    assert [v.name for v in res.model.graph.inputs] == ["x"]
+    assert not {"w1", "w2"} & set(res.model.graph.initializers)
     assert len([n for n in res.model.graph if n.op_type == "QuantizeLinear"]) >= 2
     check_model(res.model)
     ref = run_model(ir.load(str(path)), feeds[0])["y"]

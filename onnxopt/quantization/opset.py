@@ -55,7 +55,17 @@ MIN_IR_VERSION = 7
 
 
 def raise_ir_version(model: ir.Model) -> None:
-    """Set ``model.ir_version`` to at least :data:`MIN_IR_VERSION` (in place)."""
+    """Set ``model.ir_version`` to at least :data:`MIN_IR_VERSION` (in place).
+
+    From IR 3, initializers listed as graph inputs are unlisted: IR 3 demanded the listing,
+    exporters of that era meant them as weights, and the quantizer bakes them in as constants;
+    left listed, each float weight would stay in the quantized model as a dead input.
+    """
+    if (model.ir_version or 0) < 4:
+        inits = model.graph.initializers
+        kept = [v for v in model.graph.inputs if v.name not in inits]
+        model.graph.inputs.clear()
+        model.graph.inputs.extend(kept)
     model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
 
 
