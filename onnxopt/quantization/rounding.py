@@ -21,9 +21,15 @@ has one ``H`` per group (a depthwise conv: one ``k*k x k*k`` matrix per channel)
 output channels of a group share it.  ``H`` is accumulated over a random subset of
 output positions per sample (``max_positions``), enough for ``D <= ~1000`` columns.
 
-Entry points: :func:`conv_input_hessians` (streams calibration data through ONNX Runtime),
-:func:`gptq_round` (one weight tensor), :func:`gptq_weight_rounding` (the quantizer's
-``weight_transforms`` hook: rewrites the int8 weights of the QDQ model in place).
+A MatMul with a constant weight ``W`` [K, N] (per-channel along N) is the same problem
+with ``X`` the input rows (every token of every sample, [..., K] flattened to rows),
+``H = X^T X`` [K, K] shared by all N output columns, and the rows of ``W^T`` as the rows
+rounded above.
+
+Entry points: :func:`conv_input_hessians` / :func:`matmul_input_hessians` (stream
+calibration data through ONNX Runtime), :func:`gptq_round` (one weight tensor),
+:func:`gptq_weight_rounding` (the quantizer's ``weight_transforms`` hook: rewrites the int8
+weights of the QDQ model in place).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["conv_input_hessians", "gptq_round", "gptq_weight_rounding", "im2col_sample"]
+__all__ = ["conv_input_hessians", "gptq_round", "gptq_weight_rounding", "im2col_sample", "matmul_input_hessians"]
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -124,6 +130,40 @@ def conv_input_hessians(
     return {k: v / counts[k] for k, v in sums.items()}
 
 
+def matmul_input_hessians(
+    model: ir.Model,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    matmuls: list[ir.Node],
+    *,
+    threads: int | None = None,
+) -> dict[str, np.ndarray]:
+    """``H = X^T X / rows`` for each MatMul's first input: {node name: [1, K, K]}.
+
+    Rows are the input's last axis flattened over all leading axes (every token of every
+    sample).  One ORT session with the inputs as extra outputs, one feed at a time; only
+    the running sums are kept.  MatMuls reading the same tensor share one sum.
+    """
+    from onnxopt.quantization.qdq import with_outputs
+    from onnxopt.verify import make_session
+
+    src_of = {n.name: n.inputs[0].name for n in matmuls if n.inputs[0] is not None}
+    srcs = sorted(set(src_of.values()))
+    sess = make_session(with_outputs(model, srcs), threads=threads)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    try:
+        for feed in feeds:
+            out = sess.run(dict(feed))
+            for src in srcs:
+                x = out[src]
+                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                sums[src] = sums.get(src, 0) + x.T @ x
+                counts[src] = counts.get(src, 0) + x.shape[0]
+    finally:
+        sess.close()
+    return {name: (sums[src] / counts[src])[None] for name, src in src_of.items() if src in sums}
+
+
 def gptq_round(
     weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, group: int = 1, *, damp: float = 0.01, qmax: int = 127
 ) -> np.ndarray:
@@ -158,27 +198,36 @@ def gptq_round(
     return q.reshape(weight.shape)
 
 
-def gptq_weight_rounding(qmodel: ir.Model, ctx, *, max_positions: int = 4096) -> str:
+def gptq_weight_rounding(qmodel: ir.Model, ctx, *, max_positions: int = 4096,
+                         op_types: tuple[str, ...] = ("Conv", "MatMul")) -> str:
     """``weight_transforms`` hook for :func:`onnxopt.quantization.quantize`: re-round the int8
-    weights of every quantized 2-D Conv with :func:`gptq_round`, keeping the scales.
+    weights of every quantized 2-D Conv and MatMul (constant [K, N] weight, per-channel
+    along N) with :func:`gptq_round`, keeping the scales.
 
-    ``H`` comes from the FLOAT model's conv inputs on ``ctx.calib`` (``ctx.float_model``,
+    ``H`` comes from the FLOAT model's layer inputs on ``ctx.calib`` (``ctx.float_model``,
     same node names).  ``layer.dequantized_weight`` is updated so later hooks (bias
     correction) see the new rounding; run this hook before ``bias_correction``.
     """
-    layers = [l for l in ctx.layers if l.op_type == "Conv" and l.axis == 0]
+    layers = [l for l in ctx.layers if l.op_type in op_types
+              and ((l.op_type == "Conv" and l.axis == 0) or (l.op_type == "MatMul" and l.axis == 1
+                                                               and l.float_weight.ndim == 2))]
     fnodes = {n.name: n for n in ctx.float_model.graph}
-    convs = [fnodes[l.name] for l in layers if l.name in fnodes]
-    hess = conv_input_hessians(ctx.float_model, ctx.calib, convs, max_positions=max_positions)
+    convs = [fnodes[l.name] for l in layers if l.name in fnodes and l.op_type == "Conv"]
+    mms = [fnodes[l.name] for l in layers if l.name in fnodes and l.op_type == "MatMul"]
+    hess = conv_input_hessians(ctx.float_model, ctx.calib, convs, max_positions=max_positions) if convs else {}
+    if mms:
+        hess.update(matmul_input_hessians(ctx.float_model, ctx.calib, mms))
     n = 0
     gain = []
     for layer in layers:
         h = hess.get(layer.name)
         if h is None:
             continue
-        group = int(_attr(layer.node, "group", 1))
-        w = layer.float_weight
         scale = np.asarray(layer.weight_scale, np.float64).reshape(-1)
+        # MatMul: the output channels are W's columns, so round W^T ([N, K]) and transpose back.
+        transposed = layer.op_type == "MatMul"
+        group = 1 if transposed else int(_attr(layer.node, "group", 1))
+        w = layer.float_weight.T if transposed else layer.float_weight
         q = gptq_round(w, h, scale, group)
         # The int8 tensor is the data input of the DequantizeLinear feeding the layer's weight.
         wdq = layer.node.inputs[1].producer() if layer.node.inputs[1] is not None else None
@@ -188,16 +237,19 @@ def gptq_weight_rounding(qmodel: ir.Model, ctx, *, max_positions: int = 4096) ->
         if wq_value is None or wq_value.const_value is None or not wq_value.is_initializer():
             continue
         old = wq_value.const_value.numpy()
+        new_deq = (q * scale.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32)  # [O, ...] layout
+        old_deq = layer.dequantized_weight.T if transposed else layer.dequantized_weight
+        if transposed:
+            q = q.T
         if old.shape != q.shape:
             continue
         wq_value.const_value = ir.tensor(q.astype(old.dtype), name=wq_value.name)
-        new_deq = (q * scale.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32)
-        gain.append(_output_error(w, layer.dequantized_weight, h, group) / max(_output_error(w, new_deq, h, group), 1e-30))
-        layer.dequantized_weight = new_deq
+        gain.append(_output_error(w, old_deq, h, group) / max(_output_error(w, new_deq, h, group), 1e-30))
+        layer.dequantized_weight = np.ascontiguousarray(new_deq.T) if transposed else new_deq
         n += 1
     if hasattr(ctx, "report"):
         ctx.report["gptq_rounding"] = {"layers": n, "median_error_reduction": float(np.median(gain)) if gain else None}
-    return f"re-rounded {n} conv weights (median output-error reduction {np.median(gain) if gain else 1:.2f}x)"
+    return f"re-rounded {n} weights (median output-error reduction {np.median(gain) if gain else 1:.2f}x)"
 
 
 def _output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray, group: int) -> float:
