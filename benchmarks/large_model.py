@@ -19,15 +19,16 @@ subprocess). onnxsim and onnxslim run on the same file; a failure is reported in
 column (the 2 GB protobuf limit is the usual one). All files are deleted at the end
 unless ``--keep``.
 
-Measured 2026-11-23 (2 shared cores, load ~10; 12 layers, hidden 2048: 2.42 GB, 589 nodes):
+Measured 2026-11-23, one run of ``python benchmarks/large_model.py`` (2 shared cores;
+12 layers, hidden 2048: 2.42 GB, 589 nodes; bound for onnxopt 1.5x = 3.63 GB):
 
-    tool                        status   time s  peak GB  x model  nodes
-    onnxopt inspect             ok          3.3     0.24     0.10
-    onnxopt optimize            ok         18.6     2.59     1.07    396
-    onnxopt compare             ok         24.5     2.60     1.07
-    onnxopt quantize (random)   FAILED    107.4     9.90     4.10         (external data: see notes/conformance_failures.md)
-    onnxsim                     ok        145.4     9.25     3.83    720
-    onnxslim                    ok         55.4     5.10     2.11    588
+    tool                               status   time s  peak GB  x model   nodes
+    onnxopt inspect                    ok          1.4     0.23     0.10
+    onnxopt optimize                   ok         10.7     2.59     1.07     396
+    onnxopt compare (orig vs opt)      ok          8.1     2.59     1.07
+    onnxopt quantize (random calib)    ok         24.1     2.67     1.10     564
+    onnxsim                            ok         78.0     9.24     3.82     720
+    onnxslim                           ok         26.9     5.09     2.11     588
 
 Before the foundation fixes that came with this script, optimize peaked at 4.3x on a 0.8 GB
 model (saving built the whole proto in RAM; each verification session copied the weights).
