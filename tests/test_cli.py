@@ -179,3 +179,16 @@ def test_demo_runs(capsys, tmp_path):
     assert code == 0, err
     assert (tmp_path / "demo" / "demo_cnn.opt.onnx").is_file()
     assert "outputs match the original" in stdout
+
+
+def test_json_report_gets_normal_permissions(capsys, tiny_model_path, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        code, _, err = run_cli(capsys, "optimize", tiny_model_path, "-o", tmp_path / "o.onnx", "--json", tmp_path / "s.json")
+    finally:
+        os.umask(umask)
+    assert code == 0, err
+    assert stat.S_IMODE((tmp_path / "s.json").stat().st_mode) == 0o644
