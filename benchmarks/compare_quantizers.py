@@ -60,11 +60,11 @@ def _session(path: str, threads: int):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-class _Reader:
-    """An ORT CalibrationDataReader over a list of feeds."""
+class FeedReader:
+    """An ORT CalibrationDataReader over a list of feeds (also used by det_quant_study.py)."""
 
     def __init__(self, feeds):
-        self.feeds, self.i = feeds, 0
+        self.feeds, self.i = list(feeds), 0
 
     def get_next(self):
         if self.i >= len(self.feeds):
@@ -79,7 +79,7 @@ class _Reader:
 def _ort_static(src: str, dst: str, feeds, **kw) -> float:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    class Reader(_Reader, CalibrationDataReader):
+    class Reader(FeedReader, CalibrationDataReader):
         pass
 
     t = time.perf_counter()

@@ -57,6 +57,9 @@ import onnxruntime as ort
 from onnx_ir.passes import common as ir_common
 
 from onnxopt.quantization.bias_correction import correct_qdq_biases
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_quantizers import FeedReader  # noqa: E402  (benchmarks/ is not a package)
 from onnxopt.quantization.equalization import equalize_cross_layer, fold_affine_into_conv
 from onnxopt.testing.real_models import det_mask_iou, det_preprocess, images, ppocr_model
 
@@ -103,21 +106,6 @@ def prepare_float(transform: str) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
-class _Reader:
-    def __init__(self, feeds):
-        self.feeds = list(feeds)
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.feeds):
-            return None
-        self.i += 1
-        return self.feeds[self.i - 1]
-
-    def rewind(self):
-        self.i = 0
-
-
 def quantize_ort(
     float_proto: onnx.ModelProto,
     calib_feeds,
@@ -142,7 +130,7 @@ def quantize_ort(
         quantize_static(
             str(src),
             str(dst),
-            _Reader(calib_feeds),
+            FeedReader(calib_feeds),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(ops) if ops else None,
             per_channel=per_channel,
