@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import run_measured  # noqa: E402  (benchmarks/ is not a package)
 
 RUNNERS = (
     "ours-minmax",
@@ -224,23 +226,14 @@ def _child_minilm(runner: str, n: int) -> dict:
 
 def run_child(runner: str, n: int, size: int, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", runner, "--n", str(n), "--size", str(size)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            return {"runner": runner, "n": n, "error": f"timed out after {timeout:.0f} s"}
-        time.sleep(0.2)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        return {"runner": runner, "n": n, "error": f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"}
-    res = json.loads(out.strip().splitlines()[-1])
-    res["peak_rss_mb"] = usage.ru_maxrss / 1024  # the child's own peak (KB on Linux)
+    r = run_measured(cmd, timeout)
+    if r["rc"] == "timeout":
+        return {"runner": runner, "n": n, "error": f"timed out after {timeout:.0f} s"}
+    if r["rc"] != 0:
+        err = r["stderr"].strip()
+        return {"runner": runner, "n": n, "error": f"exit {r['rc']}: {err.splitlines()[-1] if err else ''}"}
+    res = json.loads(r["stdout"].strip().splitlines()[-1])
+    res["peak_rss_mb"] = r["peak_rss"] / 2**20  # the child's own peak
     return res
 
 

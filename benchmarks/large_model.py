@@ -41,12 +41,14 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import run_measured  # noqa: E402  (benchmarks/ is not a package)
 import onnx
 from onnx import TensorProto, helper
 
@@ -172,28 +174,9 @@ def build_model(folder: pathlib.Path, *, layers: int, hidden: int, heads: int, s
 
 def _run_measured(argv: list[str], timeout: float) -> dict:
     """Run a child; return exit status, seconds, peak RSS (bytes) and the tail of its output."""
-    start = time.perf_counter()
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
-    deadline = start + timeout
-    status = None
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            status = None
-            break
-        time.sleep(0.2)
-    proc.returncode = 0  # reaped by wait4 already
-    seconds = time.perf_counter() - start
-    log.seek(0)
-    text = log.read()
-    log.close()
-    rc = os.waitstatus_to_exitcode(status) if status is not None else "timeout"
-    return {"rc": rc, "seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "tail": text.strip().splitlines()[-3:]}
+    r = run_measured(argv, timeout)
+    text = (r["stdout"] + r["stderr"]).strip()
+    return {"rc": r["rc"], "seconds": r["seconds"], "peak_rss": r["peak_rss"], "tail": text.splitlines()[-3:]}
 
 
 _ONNXSIM = """

@@ -18,10 +18,8 @@ import random
 import subprocess
 import sys
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from onnxopt.testing import fuzz
 from onnxopt.testing.bad_models import small_graph
