@@ -342,13 +342,16 @@ def bench(models, eps, threads, spin, warmup, runs, duration, shapes, inputs, ba
 @click.option("--max-drop", type=float, metavar="X",
               help="Accuracy budget: 1 - cosine of the outputs on held-out calibration samples; noisiest layers go back to float until it holds.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (per-layer SQNR, fallback, fused kernels) as JSON.")
-@click.option("--smoothquant", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]), help="SmoothQuant for MatMul inputs.")
+@click.option("--smoothquant", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="SmoothQuant (outlier channels moved into the weights): auto = MatMul inputs that LayerNorms produce (transformer Q/K/V, FFN-up); on = every MatMul input.")
+@click.option("--smoothquant-alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="SmoothQuant migration strength (0..1): higher moves more of the activation range into the weights.")
 @click.option("--image-size", metavar="HxW", help="Image calibration: resize to HxW (e.g. 640x640), [-1,1] normalised RGB NCHW; see --image-spec.")
 @click.option("--image-spec", metavar="SPEC", help="Image preprocessing, e.g. '640x640,mean=0.5,std=0.5,bgr,nchw'.")
 @shape_option
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 def quantize(model, output, calib, method, target, per_channel, exclude, samples, max_drop, report_path, smoothquant,
-             image_size, image_spec, shapes, quiet) -> None:
+             smoothquant_alpha, image_size, image_spec, shapes, quiet) -> None:
     """Static int8 quantization (QDQ) with streaming calibration and an accuracy check."""
     from onnxopt.inputs import parse_shape_specs
     from onnxopt.quantization import quantize_file
@@ -358,7 +361,8 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
     spec = image_spec or (f"{image_size},mean=0.5,std=0.5" if image_size else None)
     result = quantize_file(
         model, output, calib=calib, method=method, target=target, per_channel=per_channel, exclude=exclude,
-        samples=samples, max_drop=max_drop, report=report_path, smoothquant=smoothquant, image_spec=spec,
+        samples=samples, max_drop=max_drop, report=report_path, smoothquant=smoothquant,
+        smoothquant_alpha=smoothquant_alpha, image_spec=spec,
         shapes=parse_shape_specs(shapes) or None, progress=not quiet,
     )
     rep = result.report

@@ -475,3 +475,94 @@ def test_gptq_rounding_of_matmul_weights_lowers_held_out_output_error():
     wq = qlayers[0].node.inputs[1].producer().inputs[0].const_value.numpy()
     np.testing.assert_array_equal(wq, q.astype(np.int8))
     np.testing.assert_allclose(qlayers[0].dequantized_weight, q * scale[None, :], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Transformer defaults: SmoothQuant on LayerNorm outputs, MSE ranges on GELU outputs
+# ----------------------------------------------------------------------------------------
+
+
+def test_minilm_defaults_smooth_layernorm_outputs_and_mse_gelu(minilm):
+    path, result, _ = minilm
+    rep = result.report
+    groups = rep["smoothquant"]["groups"]
+    assert rep["smoothquant"]["mode"] == "auto" and len(groups) == 12  # Q/K/V and FFN-up of 6 layers
+    for g in groups:
+        assert g["act_absmax_after"] < g["act_absmax_before"]
+        kinds = {("qkv" if "/attention/self/" in n else "ffn_up" if "/intermediate/dense/" in n else n)
+                 for n in g["layers"]}
+        assert kinds in ({"qkv"}, {"ffn_up"}), g["layers"]
+    gelu = rep["calibration"]["mse_for_gelu_outputs"]
+    assert len(gelu) == 6 and all("intermediate_act_fn" in t for t in gelu)
+
+    # Both defaults are there because they measure better than plain min-max: compare on
+    # held-out sentences against the same model quantized without them.
+    calib = rm.encode_sentences(rm.sentences("calib", 16), seq_len=32)
+    feeds = [{k: v[i : i + 1] for k, v in calib.items()} for i in range(16)]
+    import onnxopt.quantization.analysis as analysis
+
+    plain_gelu = analysis.gelu_outputs
+    try:
+        analysis.gelu_outputs = lambda model: set()
+        plain = quantize(path, feeds, smoothquant="off", progress=False).model
+    finally:
+        analysis.gelu_outputs = plain_gelu
+    ev = rm.encode_sentences(rm.sentences("eval", 48), seq_len=32)
+    ref = rm.sentence_embeddings(run_model(ir.load(str(path)), ev)["last_hidden_state"], ev["attention_mask"])
+
+    def cosine(model):
+        emb = rm.sentence_embeddings(run_model(model, ev)["last_hidden_state"], ev["attention_mask"])
+        return rm.embedding_agreement(ref, emb)["cosine_mean"]
+
+    assert 1 - cosine(result.model) < 0.8 * (1 - cosine(plain))
+
+
+def _gelu_graph(kind: str) -> ir.Model:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    c = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa: E731
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    if kind == "erf":  # x * 0.5 * (1 + erf(x / sqrt 2)), as torch exports it
+        nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+                 helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["x", "a"], ["m"]),
+                 helper.make_node("Mul", ["m", "half"], ["g"])]
+        inits = [c("sqrt2", 1.4142135), c("one", 1.0), c("half", 0.5)]
+    elif kind == "tanh":  # 0.5 x (1 + tanh(0.79788 (x + 0.044715 x^3)))
+        nodes = [helper.make_node("Mul", ["x", "x"], ["x2"]), helper.make_node("Mul", ["x2", "x"], ["x3"]),
+                 helper.make_node("Mul", ["x3", "k"], ["kx3"]), helper.make_node("Add", ["x", "kx3"], ["inner"]),
+                 helper.make_node("Mul", ["inner", "s"], ["si"]), helper.make_node("Tanh", ["si"], ["t"]),
+                 helper.make_node("Add", ["t", "one"], ["a"]), helper.make_node("Mul", ["a", "half"], ["h"]),
+                 helper.make_node("Mul", ["x", "h"], ["g"])]
+        inits = [c("k", 0.044715), c("s", 0.7978846), c("one", 1.0), c("half", 0.5)]
+    else:  # a plain scaled product: not a GELU
+        nodes = [helper.make_node("Mul", ["x", "half"], ["m"]), helper.make_node("Mul", ["m", "x"], ["g"])]
+        inits = [c("half", 0.5)]
+    nodes.append(helper.make_node("MatMul", ["g", "w"], ["y"]))
+    graph = helper.make_graph(nodes, "gelu", [x], [y], [*inits, w])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("kind, found", [("erf", {"g"}), ("tanh", {"g"}), ("none", set())])
+def test_gelu_outputs_detected(kind, found):
+    from onnxopt.quantization.analysis import gelu_outputs
+
+    assert gelu_outputs(_gelu_graph(kind)) == found
+
+
+def test_range_search_never_worse_than_minmax_and_clips_a_sparse_tail():
+    from onnxopt.quantization.analysis import find_layers
+    from onnxopt.quantization.range_search import search_matmul_ranges
+    from onnxopt.quantization.scheme import scheme_for
+
+    rng = np.random.default_rng(0)
+    model = _gelu_graph("none")
+    model.graph.initializers["w"].const_value = ir.tensor(rng.standard_normal((8, 4)).astype(np.float32), name="w")
+    layers, _ = find_layers(model)
+    (layer,) = layers
+    rows = np.abs(rng.standard_normal((4000, 8))).astype(np.float32)
+    rows[:3] *= 40  # a sparse tail: three rows far out
+    ranges = {layer.act_input: (float(rows.min()), float(rows.max()))}
+    choice = search_matmul_ranges(model, layers, ranges, scheme_for("cpu"), {layer.act_input: rows})[layer.act_input]
+    assert choice.error_chosen <= choice.error_minmax
+    assert choice.chosen[1] < choice.minmax[1]  # the tail is clipped
+    assert choice.minmax[0] <= choice.chosen[0] <= choice.chosen[1] <= choice.minmax[1]

@@ -37,7 +37,7 @@ from onnxopt.quantization.opset import ensure_opset
 from onnxopt.quantization.qdq import build_qdq, quantize_biases
 from onnxopt.quantization.scheme import scheme_for
 from onnxopt.quantization.sensitivity import layer_sqnr, run_all
-from onnxopt.quantization.smoothquant import apply_smoothquant, smoothing_groups
+from onnxopt.quantization.smoothquant import apply_smoothquant, layernorm_groups, smoothing_groups
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 Hook = Callable[[ir.Model, QuantContext], "str | None"]
@@ -160,6 +160,7 @@ def quantize(
     weight_transforms: Sequence[Hook] = (),
     sensitivity: bool | None = None,
     holdout: int | None = None,
+    range_search: bool = False,
 ) -> QuantizeResult:
     """Quantize a float model to int8 QDQ for ``target``; see the module docstring.
 
@@ -168,12 +169,13 @@ def quantize(
     largest allowed ``1 - cosine`` between fp32 and int8 outputs (each output pooled over the
     held-out calibration samples); the layers that hurt most go back to float until it holds. ``report``: a JSON
     path for the report (also returned as ``QuantizeResult.report``). ``smoothquant``: "auto"
-    (currently off: it lowered MiniLM's accuracy, see the comment in the code), True/"on",
-    False/"off". ``sensitivity``: compute per-layer SQNR (default: when ``report`` or
+    (the MatMul inputs LayerNorms produce: transformer Q/K/V and FFN-up), True/"on" (every
+    MatMul input), False/"off". ``sensitivity``: compute per-layer SQNR (default: when ``report`` or
     ``max_drop`` is given). ``holdout``: how many of the last calibration samples are kept
     out of calibration to measure the drop (default: a fifth, at most 16).
-    ``float_transforms`` / ``weight_transforms``: hooks, see /work/notes/quant_interface.md
-    and :class:`QuantContext`.
+    ``float_transforms`` / ``weight_transforms``: hooks, see
+    :class:`QuantContext` and docs/quantization.md. ``range_search``: choose MatMul input
+    ranges by layer-output error (:mod:`.range_search`; off: measured worse on MiniLM).
     """
     from onnxopt.calibration import collect_stats, load_calibration_data
     from onnxopt.optimize import optimize
@@ -250,24 +252,35 @@ def quantize(
 
     t_cal = time.perf_counter()
     sq_entries: list[dict] = []
-    # "auto" is off: measured on MiniLM-L6 (64 sentences, seq 128, 200 held-out), SmoothQuant
-    # with alpha 0.5 on all 24 MatMul groups lowered the embedding cosine from 0.993 to 0.989
-    # (min 0.983 -> 0.962, NN agreement 0.875 -> 0.82); alpha 0.25: 0.81. Per-channel int8
-    # weights with per-tensor uint8 activations already cope with its LayerNorm outliers.
-    use_sq = smoothquant in ("on", True)
-    groups = smoothing_groups(layers) if use_sq else {}
+    # "auto" smooths the MatMul inputs that LayerNorms produce (Q/K/V and FFN-up: the ones
+    # SmoothQuant was designed for); "on" smooths every MatMul input. Measured on MiniLM-L6
+    # (32 calibration / 400 held-out sentences): none 0.993 cosine / NN 0.875, LayerNorm
+    # outputs (alpha 0.5) 0.997 / 0.92, all 24 groups 0.989 / 0.82 (the attention-output
+    # and GELU-output groups hurt).
+    use_sq = smoothquant in ("on", True, "auto")
+    groups = smoothing_groups(layers) if smoothquant in ("on", True) else (
+        layernorm_groups(model, layers) if smoothquant == "auto" else {})
     if groups:
         _say(progress, f"SmoothQuant statistics for {len(groups)} MatMul input(s)")
         gstats = collect_stats(model, calib_data, list(groups), method="minmax",
                                channel_absmax_for=list(groups), progress=progress)
         absmax = {k: s.channel_absmax for k, s in gstats.items() if s.finite and s.channel_absmax is not None}
-        sq_entries = apply_smoothquant(model, layers, absmax, alpha=smoothquant_alpha)
-    rep["smoothquant"] = {"alpha": smoothquant_alpha, "groups": sq_entries} if use_sq else "off"
+        sq_entries = apply_smoothquant(model, layers, absmax, alpha=smoothquant_alpha, tensors=set(groups))
+    rep["smoothquant"] = {"mode": str(smoothquant), "alpha": smoothquant_alpha, "groups": sq_entries} if use_sq else "off"
 
     tensors = sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor})
     _say(progress, f"calibrating {len(tensors)} activation tensors with {method} on {len(calib_data)} samples")
     stats = collect_stats(model, calib_data, tensors, method=method, progress=progress,
                           symmetric=scheme.symmetric_activations)
+    # GELU outputs: one-sided with a long sparse tail, where min-max wastes the 8-bit grid;
+    # an MSE-chosen range measured better on MiniLM (docs/quantization.md). Only for the
+    # default min-max method: an explicit --method applies to every tensor.
+    gelu = sorted(analysis.gelu_outputs(model) & {l.act_input for l in layers}) if method == "minmax" else []
+    if gelu:
+        _say(progress, f"calibrating {len(gelu)} GELU outputs with mse")
+        stats.update(collect_stats(model, calib_data, gelu, method="mse", progress=progress,
+                                   symmetric=scheme.symmetric_activations))
+        rep["calibration"]["mse_for_gelu_outputs"] = gelu
     rep["calibration"]["seconds"] = round(time.perf_counter() - t_cal, 3)
     ctx.stats = stats
     ranges: dict[str, tuple[float, float]] = {}
@@ -294,6 +307,8 @@ def quantize(
     if not layers:
         raise OnnxoptError("nothing to quantize: every candidate layer's input range is unusable "
                            "(see the reasons with --report)")
+    if range_search:
+        _search_ranges(model, layers, ranges, scheme, calib_data, rep, progress)
 
     def build(selected: list, ctx_: QuantContext | None = None):
         qmodel, qlayers = build_qdq(model, selected, ranges, scheme)
@@ -392,6 +407,28 @@ def quantize(
 
         write_text_atomic(str(report), json.dumps(rep, indent=2, default=_json_default) + "\n")
     return QuantizeResult(qmodel, rep)
+
+
+RANGE_SEARCH_FEEDS = 8
+
+
+def _search_ranges(model, layers, ranges, scheme, calib_data, rep, progress) -> None:
+    """Replace the calibrated ranges of MatMul/Gemm inputs by the ones with the least layer
+    output error (:mod:`.range_search`), measured on rows of the first calibration samples."""
+    from onnxopt.quantization.range_search import sample_rows, search_matmul_ranges
+
+    tensors = sorted({l.act_input for l in layers if l.op_type in ("MatMul", "Gemm")})
+    if not tensors:
+        return
+    feeds = [f for _, f in zip(range(RANGE_SEARCH_FEEDS), calib_data)]
+    _say(progress, f"range search for {len(tensors)} MatMul/Gemm inputs on {len(feeds)} samples")
+    t = time.perf_counter()
+    choices = search_matmul_ranges(model, layers, ranges, scheme, sample_rows(model, feeds, tensors))
+    for name, c in choices.items():
+        ranges[name] = c.chosen
+    rep["range_search"] = {"samples": len(feeds), "seconds": round(time.perf_counter() - t, 3),
+                           "changed": sum(c.chosen != c.minmax for c in choices.values()),
+                           "tensors": {n: c.as_report() for n, c in choices.items()}}
 
 
 def _json_default(obj):

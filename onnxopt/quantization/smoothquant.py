@@ -36,6 +36,24 @@ def smoothing_groups(layers: list[Layer]) -> dict[str, list[Layer]]:
     return groups
 
 
+_LAYERNORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+                  "SkipSimplifiedLayerNormalization", "RMSNormalization"}
+
+
+def layernorm_groups(model: ir.Model, layers: list[Layer]) -> dict[str, list[Layer]]:
+    """The groups whose activation is a LayerNorm output: what "auto" smooths.
+
+    These are the MatMul inputs SmoothQuant was designed for (the Q/K/V and FFN-up
+    projections of a transformer block read a LayerNorm whose few outlier channels set the
+    per-tensor range). Measured on MiniLM-L6 (docs/quantization.md): smoothing these raises
+    the embedding cosine 0.993 -> 0.997 and nearest-neighbour agreement 0.88 -> 0.92-0.93;
+    smoothing also the attention-output and FFN-down inputs (GELU outputs) lowered it.
+    """
+    producers = {v.name: n for n in model.graph for v in n.outputs}
+    return {x: g for x, g in smoothing_groups(layers).items()
+            if x in producers and producers[x].op_type in _LAYERNORM_OPS}
+
+
 def _set_const(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(array.astype(np.float32), name=value.name)
     value.shape = ir.Shape(array.shape)
@@ -52,8 +70,11 @@ def apply_smoothquant(
     *,
     alpha: float = 0.5,
     fold_only: bool = False,
+    tensors=None,
 ) -> list[dict]:
     """Smooth every MatMul group in place (float model); returns one report entry per group.
+
+    ``tensors``: smooth only the groups reading these activations (default: all).
 
     Layers whose activation input moved to an inserted Mul get ``act_input`` updated.
     """
@@ -63,6 +84,8 @@ def apply_smoothquant(
     nodes = {n.name: n for n in graph}
     entries = []
     for x_name, group in smoothing_groups(layers).items():
+        if tensors is not None and x_name not in tensors:
+            continue
         xmax = channel_absmax.get(x_name)
         x = values.get(x_name)
         if xmax is None or x is None:
