@@ -141,6 +141,12 @@ def test_batchnorm_not_fused_when_unsafe():
         X4, [("y", F, None), ("c", F, None)], {"W": rand(6, 4, 1, 1), **bn_inits(6)},
     )
     assert ops(run_passes(visible, "fuse-batchnorm")) == ["Conv", "BatchNormalization"]
+    # var + epsilon <= 0 (a broken export): folding would bake NaN weights into the Conv.
+    bad = {"W": rand(6, 4, 1, 1), **bn_inits(6)}
+    bad["bn_v"] = bad["bn_v"].copy()
+    bad["bn_v"][2] = -1.0
+    negvar = model([helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")], X4, [("y", F, None)], bad)
+    assert ops(run_passes(negvar, "fuse-batchnorm")) == ["Conv", "BatchNormalization"]
 
 
 def _numpy_bn(c, s, b, m, v, eps):

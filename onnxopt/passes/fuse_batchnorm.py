@@ -78,7 +78,14 @@ def bn_affine(node: ir.Node, opset: int | None) -> tuple[np.ndarray, np.ndarray]
         return None
     scale, bias, mean, var = (p.astype(np.float64) for p in params)
     eps = float(attr(node, "epsilon", 1e-5))
-    f = scale / np.sqrt(var + eps)
+    denom = var + eps
+    if not np.all(np.isfinite(params[0])) or not np.all(denom > 0) or not np.all(np.isfinite(denom)):
+        # var + eps <= 0 (or NaN/Inf) would bake NaN/Inf weights into the layer: leave the
+        # BatchNormalization as it is, the runtime computes what the model says.
+        return None
+    f = scale / np.sqrt(denom)
+    if not np.all(np.isfinite(f)):
+        return None
     return f, bias - mean * f
 
 
