@@ -31,7 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from onnxopt.quantization.analysis import Layer
-from onnxopt.quantization.scheme import Scheme, activation_qparams, dequantize_weight, quantize_weight
+from onnxopt.quantization.scheme import Scheme, dequantize_weight, quantize_weight
+from onnxopt.quantization.sensitivity import fake_quant
 
 # Ratios of the calibrated extreme tried for each side (1.0 = min-max).
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
@@ -49,13 +50,6 @@ class RangeChoice:
     def as_report(self) -> dict:
         return {"minmax": [round(v, 6) for v in self.minmax], "chosen": [round(v, 6) for v in self.chosen],
                 "output_error_minmax": self.error_minmax, "output_error_chosen": self.error_chosen}
-
-
-def _fake_quant(x: np.ndarray, lo: float, hi: float, scheme: Scheme) -> np.ndarray:
-    scale, zp = activation_qparams(lo, hi, scheme)
-    qmin, qmax = (-128, 127) if scheme.symmetric_activations else (0, 255)
-    q = np.clip(np.rint(x / scale) + zp, qmin, qmax)
-    return ((q - zp) * scale).astype(np.float32)
 
 
 def _weight_matrix(w: np.ndarray, layer: Layer) -> np.ndarray:
@@ -100,7 +94,7 @@ def search_matmul_ranges(
             mats.append((wq, ref, max(float(np.vdot(ref, ref)), 1e-30)))
 
         def error(lo: float, hi: float) -> float:
-            xq = _fake_quant(x, lo, hi, scheme)
+            xq = fake_quant(x, lo, hi, scheme)
             total = 0.0
             for wq, ref, norm in mats:
                 d = xq @ wq
