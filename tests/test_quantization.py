@@ -566,3 +566,20 @@ def test_range_search_never_worse_than_minmax_and_clips_a_sparse_tail():
     assert choice.error_chosen <= choice.error_minmax
     assert choice.chosen[1] < choice.minmax[1]  # the tail is clipped
     assert choice.minmax[0] <= choice.chosen[0] <= choice.chosen[1] <= choice.minmax[1]
+
+
+def test_smoothquant_auto_finds_decomposed_layernorms_below_opset_17():
+    from onnxopt.optimize import optimize
+    from onnxopt.quantization.analysis import find_layers
+    from onnxopt.quantization.smoothquant import layernorm_groups
+
+    try:
+        path = rm.minilm_model(opset=14)  # LayerNormalization does not exist before opset 17
+    except rm.RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+    model = optimize(path).model
+    assert "LayerNormalization" not in {n.op_type for n in model.graph}
+    layers, _ = find_layers(model)
+    groups = layernorm_groups(model, layers)
+    assert len(groups) == 12  # Q/K/V (one group each layer) and FFN-up of 6 layers
+    assert sum(len(g) for g in groups.values()) == 6 * 4

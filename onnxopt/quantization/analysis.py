@@ -189,41 +189,18 @@ _GELU_OPS = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu"}
 
 
 def gelu_outputs(model: ir.Model) -> set[str]:
-    """Outputs of GELU activations, fused (``Gelu``, ORT's ``FastGelu``/``BiasGelu``) or as
-    exported: ``x * 0.5 * (1 + erf(x / sqrt 2))`` or the tanh form, a chain of Mul/Add ending
-    in a Mul whose inputs lead back to an ``Erf`` or ``Tanh`` within four nodes.
+    """Outputs of GELU activations in the main graph: fused (``Gelu``, ORT's ``FastGelu`` /
+    ``BiasGelu``) or as exported, ``x * 0.5 * (1 + erf(x / sqrt 2))`` or the tanh form
+    (the final product, matched as the ``fuse-gelu`` pass matches it).
 
     Their distribution is one-sided (>= -0.17) with a long, sparse upper tail, so min-max
     spends most of an 8-bit grid on a few values (measured on MiniLM: an MSE-chosen range
     on them raises the embedding cosine; see docs/quantization.md).
     """
-    out: set[str] = set()
-    for node in model.graph:
-        if node.op_type in _GELU_OPS:
-            out.add(node.outputs[0].name)
-            continue
-        # Only the chain's last Mul: its consumers do not lead back to the Erf/Tanh.
-        if (node.op_type == "Mul" and _reaches_erf(node)
-                and not any(c.op_type in ("Mul", "Add") and _reaches_erf(c) for c in node.outputs[0].consumers())):
-            out.add(node.outputs[0].name)
-    return out
+    from onnxopt.passes.fuse_transformer import is_gelu_product
 
-
-def _reaches_erf(node: ir.Node) -> bool:
-    frontier = [node]
-    for _ in range(4):
-        nxt = []
-        for n in frontier:
-            for v in n.inputs:
-                p = v.producer() if v is not None else None
-                if p is None:
-                    continue
-                if p.op_type in ("Erf", "Tanh"):
-                    return True
-                if p.op_type in ("Mul", "Add", "Div"):
-                    nxt.append(p)
-        frontier = nxt
-    return False
+    return {node.outputs[0].name for node in model.graph
+            if node.op_type in _GELU_OPS or is_gelu_product(node)}
 
 
 def unusable_range(stats) -> str | None:

@@ -41,7 +41,8 @@ _LAYERNORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLay
 
 
 def layernorm_groups(model: ir.Model, layers: list[Layer]) -> dict[str, list[Layer]]:
-    """The groups whose activation is a LayerNorm output: what "auto" smooths.
+    """The groups whose activation is a LayerNorm output (the op, or its decomposed form
+    below opset 17): what "auto" smooths.
 
     These are the MatMul inputs SmoothQuant was designed for (the Q/K/V and FFN-up
     projections of a transformer block read a LayerNorm whose few outlier channels set the
@@ -49,9 +50,18 @@ def layernorm_groups(model: ir.Model, layers: list[Layer]) -> dict[str, list[Lay
     the embedding cosine 0.993 -> 0.997 and nearest-neighbour agreement 0.88 -> 0.92-0.93;
     smoothing also the attention-output and FFN-down inputs (GELU outputs) lowered it.
     """
-    producers = {v.name: n for n in model.graph for v in n.outputs}
-    return {x: g for x, g in smoothing_groups(layers).items()
-            if x in producers and producers[x].op_type in _LAYERNORM_OPS}
+    from onnxopt.graph import opset_version
+    from onnxopt.passes.fuse_transformer import is_layernorm_output
+
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    opset = opset_version(model) or 17
+
+    def is_layernorm(name: str) -> bool:
+        v = values.get(name)
+        p = v.producer() if v is not None else None
+        return p is not None and (p.op_type in _LAYERNORM_OPS or is_layernorm_output(v, opset))
+
+    return {x: g for x, g in smoothing_groups(layers).items() if is_layernorm(x)}
 
 
 def _set_const(value: ir.Value, array: np.ndarray) -> None:
