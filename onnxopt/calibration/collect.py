@@ -71,6 +71,8 @@ class TensorStats:
     count: int
     channel_absmax: np.ndarray | None = None
     mean_per_channel: np.ndarray | None = None
+    channel_min: np.ndarray | None = None  # with channel_absmax: min / max per last-axis index
+    channel_max: np.ndarray | None = None
     saturated: bool = False
     nonfinite_count: int = 0
     outlier_count: int = 0
@@ -79,23 +81,29 @@ class TensorStats:
 
 
 class _ChannelAbsMax:
+    """max |x|, min x and max x per index of the last axis (NaN ignored)."""
+
     def __init__(self) -> None:
-        self.value: np.ndarray | None = None
+        self.lo: np.ndarray | None = None
+        self.hi: np.ndarray | None = None
+
+    @property
+    def value(self) -> np.ndarray | None:
+        return None if self.hi is None else np.fmax(self.hi, -self.lo)
 
     def update(self, x: np.ndarray) -> None:
         if x.ndim == 0 or x.size == 0:
             return
         x2 = x.reshape(-1, x.shape[-1])
         # fmax/fmin skip NaN; max(|x|) = max(max(x), -min(x)) without an |x| copy.
-        hi = np.fmax.reduce(x2, axis=0)
-        lo = np.fmin.reduce(x2, axis=0)
-        cur = np.fmax(hi.astype(np.float64), -lo.astype(np.float64))
-        if self.value is None:
-            self.value = cur
-        elif self.value.shape != cur.shape:
-            raise OnnxoptError(f"last axis changed size between batches ({self.value.shape[0]} -> {cur.shape[0]})")
+        hi = np.fmax.reduce(x2, axis=0).astype(np.float64)
+        lo = np.fmin.reduce(x2, axis=0).astype(np.float64)
+        if self.hi is None:
+            self.lo, self.hi = lo, hi
+        elif self.hi.shape != hi.shape:
+            raise OnnxoptError(f"last axis changed size between batches ({self.hi.shape[0]} -> {hi.shape[0]})")
         else:
-            self.value = np.fmax(self.value, cur)
+            self.lo, self.hi = np.fmin(self.lo, lo), np.fmax(self.hi, hi)
 
 
 class _ChannelMean:
@@ -132,11 +140,12 @@ class _Tracked:
     est_bytes: int = 0
     dtype: ir.DataType | None = None
     reduce: bool = False  # min/max/size (/sum) computed inside ORT; only scalars come back
+    method: str = "minmax"
 
-    def reduce_ok(self, method: str) -> bool:
+    def reduce_ok(self) -> bool:
         return (
             self.kind == "output"
-            and method == "minmax"
+            and self.method == "minmax"
             and self.absmax is None
             and self.mean is None
             and self.dtype in _REDUCIBLE
@@ -165,6 +174,7 @@ def collect_stats(
     threads: int | None = None,
     symmetric: bool = False,
     outlier_abs: float = DEFAULT_OUTLIER_ABS,
+    method_for: Mapping[str, str] | None = None,
 ) -> dict[str, TensorStats]:
     """Observe ``tensors`` (names in the main graph) over all of ``data``.
 
@@ -173,8 +183,11 @@ def collect_stats(
     ``(-T, T)`` ranges (int8 symmetric), default ranges suit uint8 asymmetric.
     ``channel_absmax_for`` / ``mean_for`` may name tensors outside ``tensors`` (they are
     then observed too). ``threads``: ONNX Runtime intra-op threads (default 2).
+    ``method_for``: {tensor: method} for tensors observed with another method than
+    ``method``, in the same pass over the data.
     """
     method = canonical_method(method)
+    methods = {k: canonical_method(v) for k, v in (method_for or {}).items()}
     if not isinstance(data, CalibrationData):
         from onnxopt.calibration.data import load_calibration_data
 
@@ -182,11 +195,12 @@ def collect_stats(
     budget = DEFAULT_GROUP_BYTES if max_group_bytes is None else int(max_group_bytes)
     if budget <= 0:
         raise OnnxoptError(f"max_group_bytes must be positive, got {max_group_bytes}")
-    names = list(dict.fromkeys([*tensors, *channel_absmax_for, *mean_for]))
+    names = list(dict.fromkeys([*tensors, *methods, *channel_absmax_for, *mean_for]))
     if not names:
         return {}
     absmax_set, mean_set = set(channel_absmax_for), set(mean_for)
-    tracked = _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs, absmax_set, mean_set)
+    tracked = _resolve(model, names, method, methods, percentile, num_bins, symmetric, outlier_abs, absmax_set,
+                       mean_set)
     inferred: dict[str, _Inferred] = {}
     if any(t.kind == "output" for t in tracked.values()):
         # Exported models often carry no value_info: types (which tensors can be reduced
@@ -196,7 +210,7 @@ def collect_stats(
             v = inferred.get(t.name)
             if t.dtype is None and v is not None and v.dtype is not None:
                 t.dtype = v.dtype
-            t.reduce = t.reduce_ok(method)
+            t.reduce = t.reduce_ok()
 
     for t in tracked.values():
         if t.kind == "initializer":
@@ -247,11 +261,13 @@ def collect_stats(
             finite=obs.finite,
             count=int(obs.count),
             channel_absmax=t.absmax.value if t.absmax is not None else None,
+            channel_min=t.absmax.lo if t.absmax is not None else None,
+            channel_max=t.absmax.hi if t.absmax is not None else None,
             mean_per_channel=t.mean.value if t.mean is not None else None,
             saturated=obs.saturated,
             nonfinite_count=int(obs.nonfinite_count),
             outlier_count=int(obs.outlier_count),
-            method=method,
+            method=t.method,
             observer=obs,
         )
     return stats
@@ -271,7 +287,7 @@ def _find_value(model: ir.Model, name: str) -> ir.Value | None:
     return None
 
 
-def _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs, absmax_set, mean_set):
+def _resolve(model, names, method, methods, percentile, num_bins, symmetric, outlier_abs, absmax_set, mean_set):
     graph = model.graph
     position: dict[str, tuple[str, int]] = {}
     for v in graph.inputs:
@@ -292,7 +308,8 @@ def _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs,
             where = " (it is inside a subgraph; only main-graph tensors can be calibrated)" if sub else ""
             raise OnnxoptError(f"calibration: the model has no tensor named {name!r}{where}")
         kind, pos = position[name]
-        obs = make_observer(method, percentile=percentile, num_bins=num_bins, symmetric=symmetric, outlier_abs=outlier_abs)
+        m = methods.get(name, method)
+        obs = make_observer(m, percentile=percentile, num_bins=num_bins, symmetric=symmetric, outlier_abs=outlier_abs)
         t = _Tracked(
             name,
             kind,
@@ -302,6 +319,7 @@ def _resolve(model, names, method, percentile, num_bins, symmetric, outlier_abs,
             _ChannelMean() if name in mean_set else None,
         )
         t.dtype = dtypes.get(name)
+        t.method = m
         tracked[name] = t
     return tracked
 

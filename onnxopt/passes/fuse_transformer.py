@@ -396,22 +396,3 @@ def is_gelu_product(node: ir.Node) -> bool:
     finder = FuseGeluPass()
     return any(finder._match(factors) is not None for factors, _ in finder._factorings(node))
 
-
-def is_layernorm_output(value: ir.Value, opset: int) -> bool:
-    """Whether ``value`` is the output of a decomposed LayerNorm (the pattern ``fuse-layernorm``
-    matches: normalisation, then an optional ``* gamma`` and ``+ beta``), at any opset.
-
-    The quantizer's SmoothQuant "auto" smooths LayerNorm outputs; below opset 17 they stay
-    decomposed, so it needs to recognise them there too.
-    """
-    node = value.producer()
-    finder = FuseLayerNormPass()
-    for _ in range(3):  # Add(beta) <- Mul(gamma) <- Div/Mul (the normalisation)
-        if node is None or node.domain not in ("", "ai.onnx"):
-            return False
-        if node.op_type in ("Div", "Mul") and finder._match_core(node, opset) is not None:
-            return True
-        if node.op_type not in ("Add", "Mul") or _const_and_other(node) is None:
-            return False
-        node = _const_and_other(node)[1].producer()
-    return False

@@ -37,7 +37,7 @@ from onnxopt.quantization.opset import ensure_opset
 from onnxopt.quantization.qdq import build_qdq, quantize_biases
 from onnxopt.quantization.scheme import scheme_for
 from onnxopt.quantization.sensitivity import layer_sqnr, run_all
-from onnxopt.quantization.smoothquant import apply_smoothquant, layernorm_groups, smoothing_groups
+from onnxopt.quantization.smoothquant import apply_smoothquant, smoothing_groups
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 Hook = Callable[[ir.Model, QuantContext], "str | None"]
@@ -152,7 +152,7 @@ def quantize(
     max_drop: float | None = None,
     report: str | os.PathLike | None = None,
     smoothquant: str | bool = "auto",
-    smoothquant_alpha: float = 0.5,
+    smoothquant_alpha: float | None = None,
     image_spec=None,
     shapes=None,
     progress: bool = True,
@@ -252,34 +252,53 @@ def quantize(
 
     t_cal = time.perf_counter()
     sq_entries: list[dict] = []
-    # "auto" smooths the MatMul inputs that LayerNorms produce (Q/K/V and FFN-up: the ones
-    # SmoothQuant was designed for); "on" smooths every MatMul input. Measured on MiniLM-L6
-    # (32 calibration / 400 held-out sentences): none 0.993 cosine / NN 0.875, LayerNorm
-    # outputs (alpha 0.5) 0.997 / 0.92, all 24 groups 0.989 / 0.82 (the attention-output
-    # and GELU-output groups hurt).
+    # SmoothQuant: per MatMul group, whether and how strongly to smooth is decided by the
+    # group's output error on sampled calibration rows (_smoothing_plan). Measured on MiniLM-L6
+    # (docs/quantization.md): one alpha for all groups either helps the LayerNorm outputs and
+    # ruins the GELU outputs (0.5) or the reverse; per-group choice beats both.
     use_sq = smoothquant in ("on", True, "auto")
-    groups = smoothing_groups(layers) if smoothquant in ("on", True) else (
-        layernorm_groups(model, layers) if smoothquant == "auto" else {})
-    if groups:
+    groups: dict = {}
+    alphas: dict = {}
+    if use_sq:
+        groups, alphas, choice = _smoothing_plan(model, layers, scheme, calib_data, smoothquant, smoothquant_alpha,
+                                                 progress)
+        rep["smoothquant_search"] = choice
+    # GELU outputs: one-sided with a long sparse tail, where min-max wastes the 8-bit grid;
+    # an MSE-chosen range measured better on MiniLM (docs/quantization.md). Only with the
+    # default min-max method: an explicit --method applies to every tensor.
+    gelu = sorted(analysis.gelu_outputs(model) & {l.act_input for l in layers} - set(groups)) \
+        if method == "minmax" else []
+    tensors = sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor})
+    one_pass = method == "minmax"
+    if groups and not one_pass:
+        # Smoothing changes the tensors the main pass observes: its statistics come first.
         _say(progress, f"SmoothQuant statistics for {len(groups)} MatMul input(s)")
         gstats = collect_stats(model, calib_data, list(groups), method="minmax",
                                channel_absmax_for=list(groups), progress=progress)
         absmax = {k: s.channel_absmax for k, s in gstats.items() if s.finite and s.channel_absmax is not None}
-        sq_entries = apply_smoothquant(model, layers, absmax, alpha=smoothquant_alpha, tensors=set(groups))
-    rep["smoothquant"] = {"mode": str(smoothquant), "alpha": smoothquant_alpha, "groups": sq_entries} if use_sq else "off"
-
-    tensors = sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor})
-    _say(progress, f"calibrating {len(tensors)} activation tensors with {method} on {len(calib_data)} samples")
+        sq_entries = apply_smoothquant(model, layers, absmax, alpha=alphas, tensors=set(groups))
+        tensors = sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor})
+    _say(progress, f"calibrating {len(tensors)} activation tensors with {method} on {len(calib_data)} samples"
+         + (f" ({len(gelu)} GELU outputs with mse)" if gelu else ""))
     stats = collect_stats(model, calib_data, tensors, method=method, progress=progress,
-                          symmetric=scheme.symmetric_activations)
-    # GELU outputs: one-sided with a long sparse tail, where min-max wastes the 8-bit grid;
-    # an MSE-chosen range measured better on MiniLM (docs/quantization.md). Only for the
-    # default min-max method: an explicit --method applies to every tensor.
-    gelu = sorted(analysis.gelu_outputs(model) & {l.act_input for l in layers}) if method == "minmax" else []
+                          symmetric=scheme.symmetric_activations, method_for={g: "mse" for g in gelu},
+                          channel_absmax_for=list(groups) if one_pass else ())
+    if groups and one_pass:
+        # One pass for everything: the smoothed tensor X / s has min-max range
+        # [min_j lo_j / s_j, max_j hi_j / s_j] from X's per-channel extremes (s > 0).
+        absmax = {k: stats[k].channel_absmax for k in groups
+                  if stats[k].finite and stats[k].channel_absmax is not None}
+        scales: dict = {}
+        sq_entries = apply_smoothquant(model, layers, absmax, alpha=alphas, tensors=set(groups), scales_out=scales)
+        for x_name, (s_vec, smoothed) in scales.items():
+            st = stats[x_name]
+            lo, hi = float(np.min(st.channel_min / s_vec)), float(np.max(st.channel_max / s_vec))
+            stats[smoothed] = dataclasses.replace(st, name=smoothed, min=lo, max=hi, observed_min=lo, observed_max=hi,
+                                                  channel_absmax=None, channel_min=None, channel_max=None,
+                                                  observer=None)
+    rep["smoothquant"] = {"mode": str(smoothquant), "alpha": smoothquant_alpha if smoothquant_alpha is not None
+                          else "searched per group", "groups": sq_entries} if use_sq else "off"
     if gelu:
-        _say(progress, f"calibrating {len(gelu)} GELU outputs with mse")
-        stats.update(collect_stats(model, calib_data, gelu, method="mse", progress=progress,
-                                   symmetric=scheme.symmetric_activations))
         rep["calibration"]["mse_for_gelu_outputs"] = gelu
     rep["calibration"]["seconds"] = round(time.perf_counter() - t_cal, 3)
     ctx.stats = stats
@@ -410,6 +429,41 @@ def quantize(
 
 
 RANGE_SEARCH_FEEDS = 8
+SEARCH_ROW_BYTES = 256 * 1024 * 1024  # sampled activation rows kept for the searches, in all
+
+
+def _smoothing_plan(model, layers, scheme, calib_data, mode, alpha, progress):
+    """Which MatMul groups to smooth and with which alpha: ({x: layers}, {x: alpha}, report).
+
+    Every group's output error is measured on rows sampled from the first calibration
+    samples, unsmoothed and with each candidate alpha (the given one, or the grid
+    ``smoothquant.ALPHAS``). "on" takes the best candidate wherever one improves on not
+    smoothing; "auto" only where it lowers the error by ``MIN_GAIN`` of itself and by
+    ``MIN_ABS_GAIN`` (an unfoldable group costs a Mul).
+    """
+    from onnxopt.quantization import smoothquant as sq
+    from onnxopt.quantization.range_search import sample_rows
+
+    groups = smoothing_groups(layers)
+    if not groups:
+        return {}, {}, {}
+    feeds = [f for _, f in zip(range(RANGE_SEARCH_FEEDS), calib_data)]
+    width = sum(model.graph.initializers[g[0].weight].const_value.shape[0] for g in groups.values())
+    max_rows = max(64, min(2048, SEARCH_ROW_BYTES // max(1, 4 * width)))
+    _say(progress, f"SmoothQuant: output error of {len(groups)} MatMul groups on {len(feeds)} samples")
+    rows = sample_rows(model, feeds, list(groups), max_rows=max_rows)
+    choice = sq.choose_alphas(model, groups, rows, scheme, alphas=sq.ALPHAS if alpha is None else (alpha,))
+    del rows
+    def worth_it(c: dict) -> bool:
+        if c["alpha"] is None:
+            return False
+        if mode != "auto":
+            return True
+        gain = c["error_unsmoothed"] - c["error_best"]
+        return gain >= sq.MIN_GAIN * c["error_unsmoothed"] and gain >= sq.MIN_ABS_GAIN
+
+    alphas = {x: c["alpha"] for x, c in choice.items() if worth_it(c)}
+    return {x: g for x, g in groups.items() if x in alphas}, alphas, choice
 
 
 def _search_ranges(model, layers, ranges, scheme, calib_data, rep, progress) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.passes.fuse_transformer import is_gelu_product
 from onnxopt.quantization.analysis import Layer
 
 
@@ -36,34 +37,6 @@ def smoothing_groups(layers: list[Layer]) -> dict[str, list[Layer]]:
     return groups
 
 
-_LAYERNORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
-                  "SkipSimplifiedLayerNormalization", "RMSNormalization"}
-
-
-def layernorm_groups(model: ir.Model, layers: list[Layer]) -> dict[str, list[Layer]]:
-    """The groups whose activation is a LayerNorm output (the op, or its decomposed form
-    below opset 17): what "auto" smooths.
-
-    These are the MatMul inputs SmoothQuant was designed for (the Q/K/V and FFN-up
-    projections of a transformer block read a LayerNorm whose few outlier channels set the
-    per-tensor range). Measured on MiniLM-L6 (docs/quantization.md): smoothing these raises
-    the embedding cosine 0.993 -> 0.997 and nearest-neighbour agreement 0.88 -> 0.92-0.93;
-    smoothing also the attention-output and FFN-down inputs (GELU outputs) lowered it.
-    """
-    from onnxopt.graph import opset_version
-    from onnxopt.passes.fuse_transformer import is_layernorm_output
-
-    values = {v.name: v for n in model.graph for v in n.outputs}
-    opset = opset_version(model) or 17
-
-    def is_layernorm(name: str) -> bool:
-        v = values.get(name)
-        p = v.producer() if v is not None else None
-        return p is not None and (p.op_type in _LAYERNORM_OPS or is_layernorm_output(v, opset))
-
-    return {x: g for x, g in smoothing_groups(layers).items() if is_layernorm(x)}
-
-
 def _set_const(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(array.astype(np.float32), name=value.name)
     value.shape = ir.Shape(array.shape)
@@ -73,18 +46,93 @@ def _scalar_or_last(arr: np.ndarray, k: int) -> bool:
     return arr.size == 1 or (arr.shape[-1] == k and arr.size == k)
 
 
+ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# "auto" smooths a group only where it lowers the group's output error (relative squared
+# error, summed over the group's layers) by at least MIN_GAIN of itself and by MIN_ABS_GAIN
+# in all: each smoothed group that cannot fold its scales costs an element-wise Mul, which a
+# layer already near 30 dB SQNR does not pay back.
+MIN_GAIN = 0.25
+MIN_ABS_GAIN = 1e-3
+
+
+def smoothing_scales(xmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-channel s = max|X_j|^alpha / max|W_j|^(1 - alpha), kept in [1e-3, 1e3]."""
+    s = np.power(np.maximum(xmax, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
+    return np.clip(s, 1e-3, 1e3)
+
+
+def choose_alphas(
+    model: ir.Model,
+    groups: Mapping[str, list[Layer]],
+    rows: Mapping[str, np.ndarray],
+    scheme,
+    *,
+    alphas=ALPHAS,
+) -> dict[str, dict]:
+    """Per group, the migration strength with the least output error on sampled rows.
+
+    For activation rows X ([R, K], from calibration data) read by weights W_i, the error of
+    a candidate is ``sum_i ||X W_i - fq(X / s) Q(diag(s) W_i)||^2 / ||X W_i||^2`` with the
+    scheme's activation fake-quantization (min-max range of X / s) and per-channel weights.
+    Returns {tensor: {"alpha": best or None, "error_unsmoothed", "error_best"}}, with None
+    when no candidate improves on leaving the group alone. One alpha for every layer is a
+    poor fit (measured on MiniLM, docs/quantization.md: 0.5 suits the LayerNorm outputs and
+    ruins the GELU outputs, which want 0.8-0.9).
+    """
+    from onnxopt.quantization.scheme import dequantize_weight, quantize_weight
+    from onnxopt.quantization.sensitivity import fake_quant
+
+    out: dict[str, dict] = {}
+    for x_name, group in groups.items():
+        x = rows.get(x_name)
+        if x is None or x.ndim != 2 or not np.all(np.isfinite(x)):
+            continue
+        weights = [model.graph.initializers[l.weight].const_value.numpy().astype(np.float32) for l in group]
+        if any(w.ndim != 2 or w.shape[0] != x.shape[1] for w in weights):
+            continue
+        refs = [x @ w for w in weights]
+        norms = [max(float(np.vdot(r, r)), 1e-30) for r in refs]
+        xmax = np.abs(x).max(axis=0).astype(np.float64)
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
+
+        def error(s: np.ndarray | None) -> float:
+            xs = x if s is None else (x / s).astype(np.float32)
+            xq = fake_quant(xs, float(xs.min()), float(xs.max()), scheme)
+            total = 0.0
+            for w, ref, norm in zip(weights, refs, norms):
+                ws = w if s is None else (w * s[:, None]).astype(np.float32)
+                q, sc = quantize_weight(ws, 1 if scheme.per_channel else None)
+                d = xq @ dequantize_weight(q, sc, 1 if scheme.per_channel else None)
+                d -= ref
+                total += float(np.vdot(d, d)) / norm
+            return total
+
+        base = error(None)
+        best_alpha, best = None, base
+        for a in alphas:
+            e = error(smoothing_scales(xmax, wmax, a))
+            if e < best:
+                best_alpha, best = a, e
+        out[x_name] = {"alpha": best_alpha, "error_unsmoothed": base, "error_best": best}
+    return out
+
+
 def apply_smoothquant(
     model: ir.Model,
     layers: list[Layer],
     channel_absmax: Mapping[str, np.ndarray],
     *,
-    alpha: float = 0.5,
+    alpha: float | Mapping[str, float] = 0.5,
     fold_only: bool = False,
     tensors=None,
+    scales_out: dict | None = None,
 ) -> list[dict]:
     """Smooth every MatMul group in place (float model); returns one report entry per group.
 
+    ``alpha``: one migration strength, or {activation: alpha} (groups missing are skipped).
     ``tensors``: smooth only the groups reading these activations (default: all).
+    ``scales_out``: filled with {original activation: (s, the smoothed tensor's name)}, so a
+    caller that calibrated the original per channel can derive the smoothed range.
 
     Layers whose activation input moved to an inserted Mul get ``act_input`` updated.
     """
@@ -96,6 +144,9 @@ def apply_smoothquant(
     for x_name, group in smoothing_groups(layers).items():
         if tensors is not None and x_name not in tensors:
             continue
+        a = alpha.get(x_name) if isinstance(alpha, Mapping) else alpha
+        if a is None:
+            continue
         xmax = channel_absmax.get(x_name)
         x = values.get(x_name)
         if xmax is None or x is None:
@@ -106,8 +157,7 @@ def apply_smoothquant(
         if any(w.shape[0] != k for w in weights) or len({l.weight for l in group}) != len(group):
             continue
         wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        s = np.power(np.maximum(xmax, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
-        s = np.clip(s, 1e-3, 1e3)
+        s = smoothing_scales(xmax, wmax, a)
         group_nodes = {nodes[l.name] for l in group}
         only_group = all(user in group_nodes for user, _ in x.uses()) and not x.is_graph_output()
         producer = x.producer()
@@ -122,7 +172,9 @@ def apply_smoothquant(
                 if beta is not None:
                     _set_const(beta, beta.const_value.numpy() / s)
                 how = "folded into LayerNormalization"
-        elif only_group and producer is not None and producer.op_type == "Mul":
+        elif only_group and producer is not None and producer.op_type == "Mul" and not is_gelu_product(producer):
+            # (not a GELU's final "* 0.5": a per-channel constant there hides the GELU from
+            # ONNX Runtime's GeluFusion, and the decomposed GELU costs more than one Mul)
             for i, operand in enumerate(producer.inputs):
                 c = operand.const_value if operand is not None else None
                 if c is not None and operand.is_initializer() and len(list(operand.uses())) == 1 \
@@ -152,8 +204,10 @@ def apply_smoothquant(
             how = "explicit Mul"
         for l, w in zip(group, weights):
             _set_const(graph.initializers[l.weight], w * s[:, None])
+        if scales_out is not None:
+            scales_out[x_name] = (s, group[0].act_input)
         entries.append({
-            "tensor": x_name, "layers": [l.name for l in group], "how": how,
+            "tensor": x_name, "layers": [l.name for l in group], "how": how, "alpha": a,
             "act_absmax_before": float(xmax.max()), "act_absmax_after": float((xmax / s).max()),
         })
     return entries
