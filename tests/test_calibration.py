@@ -596,6 +596,20 @@ def test_channel_absmax_and_mean(cls_model, cls_feeds, cls_all_tensors, brute_fo
         assert (w.min, w.max) == (float(wv.min()), float(wv.max()))
 
 
+def test_per_tensor_methods_and_channel_extremes_in_one_pass(cls_model, cls_feeds, cls_all_tensors, brute_force):
+    data = load_calibration_data(cls_feeds, cls_model)
+    a, b = cls_all_tensors[2], cls_all_tensors[5]
+    mixed = collect_stats(cls_model, data, [a, b], method_for={b: "mse"}, channel_absmax_for=[a], progress=False)
+    alone = collect_stats(cls_model, data, [b], method="mse", progress=False)
+    assert mixed[a].method == "minmax" and mixed[b].method == "mse"
+    assert (mixed[b].min, mixed[b].max) == (alone[b].min, alone[b].max)
+    ref = np.concatenate(brute_force[a])
+    flat = ref.reshape(-1, ref.shape[-1])
+    np.testing.assert_allclose(mixed[a].channel_min, flat.min(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(mixed[a].channel_max, flat.max(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(mixed[a].channel_absmax, np.abs(flat).max(axis=0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", HIST_METHODS)
 def test_histogram_methods_on_real_model(cls_model, cls_feeds, cls_all_tensors, method):
     data = load_calibration_data(cls_feeds, cls_model)

@@ -332,10 +332,21 @@ def test_smoothquant_folds_into_layernorm_and_keeps_the_function(tmp_path):
     path = tmp_path / "sq.onnx"
     onnx.save(model, path)
     feeds = [{"x": rng.standard_normal((1, 4, 16)).astype(np.float32)} for _ in range(8)]
-    res = quantize(path, feeds, smoothquant="on", progress=False)
+    seen = {}
+
+    def capture(qmodel, ctx):
+        seen["float"], seen["stats"] = ctx.float_model, ctx.stats
+
+    res = quantize(path, feeds, smoothquant="on", progress=False, weight_transforms=[capture])
     (group,) = res.report["smoothquant"]["groups"]
     assert group["how"] == "folded into LayerNormalization" and sorted(group["layers"]) == ["mk", "mq"]
     assert group["act_absmax_after"] < group["act_absmax_before"] / 2
+    # The smoothed tensor's range was derived from the unsmoothed per-channel extremes in the
+    # same calibration pass; observing the smoothed model directly gives the same range.
+    from onnxopt.calibration import collect_stats
+
+    direct = collect_stats(seen["float"], feeds, ["ln"], progress=False)["ln"]
+    assert (seen["stats"]["ln"].min, seen["stats"]["ln"].max) == pytest.approx((direct.min, direct.max), rel=1e-5)
     ref = run_model(ir.load(str(path)), feeds[0])
     out = run_model(res.model, feeds[0])
     for name in ("q", "k"):
