@@ -175,10 +175,51 @@ def test_console_script_entry_point(tiny_model_path, tmp_path):
 
 
 def test_demo_runs(capsys, tmp_path):
-    code, stdout, err = run_cli(capsys, "demo", "-o", tmp_path / "demo")
+    code, stdout, err = run_cli(capsys, "demo", "--synthetic", "-o", tmp_path / "demo")
     assert code == 0, err
     assert (tmp_path / "demo" / "demo_cnn.opt.onnx").is_file()
     assert "outputs match the original" in stdout
+    assert "rapidocr" not in stdout  # --synthetic is a choice, not a fallback: no install hint
+
+
+def test_demo_falls_back_to_the_bundled_model_with_a_hint(capsys, tmp_path, monkeypatch):
+    import onnxopt.demo
+    from onnxopt.testing.real_models import RealModelUnavailable
+
+    def unavailable():
+        raise RealModelUnavailable("rapidocr_onnxruntime is not installed")
+
+    monkeypatch.setattr(onnxopt.demo, "real_model_path", unavailable)
+    code, stdout, err = run_cli(capsys, "demo", "-o", tmp_path / "demo")
+    assert code == 0, err
+    assert (tmp_path / "demo" / "demo_cnn.opt.onnx").is_file()
+    assert "pip install --no-deps rapidocr-onnxruntime==1.4.4" in stdout
+
+
+def test_demo_real_model(capsys, tmp_path):
+    """The README's first command: the PP-OCRv4 detector from the rapidocr wheel, optimized and timed."""
+    import hashlib
+
+    import onnxruntime as ort
+
+    from onnxopt.testing.real_models import RealModelUnavailable, ppocr_model
+
+    try:
+        installed = ppocr_model("det")
+    except RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+    digest = hashlib.sha256(installed.read_bytes()).hexdigest()
+    folder = tmp_path / "demo"
+    code, stdout, err = run_cli(capsys, "demo", "-o", folder, "--runs", 3)
+    assert code == 0, err
+    original, optimized = folder / installed.name, folder / (installed.stem + ".opt.onnx")
+    assert original.is_file() and optimized.is_file()
+    assert hashlib.sha256(installed.read_bytes()).hexdigest() == digest  # the installed file is never touched
+    ort.InferenceSession(str(optimized), providers=["CPUExecutionProvider"])
+    assert len(onnx.load(optimized).graph.node) < len(onnx.load(original).graph.node)
+    assert "PP-OCRv4" in stdout and "outputs match the original" in stdout
+    assert "speedup" in stdout and "95% CI" in stdout
+    assert "timing original vs optimized" in err  # progress on stderr
 
 
 def test_json_report_gets_normal_permissions(capsys, tiny_model_path, tmp_path):
