@@ -196,6 +196,8 @@ def test_statistics_and_input_untouched(tiny_model_path):
     ident = result.stats[0]
     assert ident.nodes_before == 5 and ident.nodes_after == 4 and ident.rewrites >= 1
     assert result.nodes_before == 5 and result.nodes_after == 4
+    # What each pass removed itself adds up to the pipeline's change.
+    assert ident.nodes_removed == 1 and sum(s.nodes_removed for s in result.stats) == 1
     assert len(list(model.graph)) == 5  # the caller's model is not modified
     assert _sha(tiny_model_path) == before
 

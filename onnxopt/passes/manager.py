@@ -39,10 +39,11 @@ class PassStat:
     name: str
     runs: int = 0
     seconds: float = 0.0
-    nodes_before: int = 0
-    nodes_after: int = 0
+    nodes_before: int = 0  # before the pass's first run
+    nodes_after: int = 0  # after its last run (later passes ran in between when the pipeline iterates)
     rewrites: int = 0
     status: str = "ok"  # ok | rolled back: <reason> | failed: <reason>
+    nodes_removed: int = 0  # by this pass itself, summed over its runs (negative: it added nodes)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,6 +120,7 @@ def _run_one(info: PassInfo, model: ir.Model, stat: PassStat) -> ir.Model:
         if stat.runs == 1:
             stat.nodes_before = before
         stat.nodes_after = after
+        stat.nodes_removed += before - after
         rewrites = getattr(pass_, "rewrites", None)
         if rewrites is None:
             rewrites = max(abs(before - after), 1) if result.modified else 0
