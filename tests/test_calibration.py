@@ -155,6 +155,60 @@ def test_histogram_counts_match_numpy_histogram():
     assert np.array_equal(counts, ref)
 
 
+def _edge_values(rng, w):
+    """Random values plus the awkward ones for a grid of width w: exact bin edges, the
+    values just below and above them, +-0, signed tiny values, runs of one value."""
+    x = rng.standard_normal(150_000).astype(np.float32) * 7
+    edges = (np.arange(-40, 41, dtype=np.float64) * w).astype(np.float32)
+    near = np.concatenate([np.nextafter(edges, np.float32(-np.inf)), np.nextafter(edges, np.float32(np.inf))])
+    tiny = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1e-45], dtype=np.float32)
+    run = np.full(70_000, np.float32(3 * w))  # one bin hit many times in a row (> one block)
+    return np.concatenate([x, edges, near, tiny, run, edges[::-1]])
+
+
+@pytest.mark.parametrize("fast_add_at", (True, False))
+def test_histogram_binning_equals_exact_reference_on_edge_values(monkeypatch, fast_add_at):
+    """The block-wise float32 binning (add.at, or bincount on numpy < 2) equals floor(x / w)
+    computed in float64, and np.histogram on the same edges, value for value."""
+    from onnxopt.calibration import observers as obs_mod
+
+    monkeypatch.setattr(obs_mod, "_FAST_ADD_AT", fast_add_at)
+    rng = np.random.default_rng(11)
+    x = _edge_values(rng, 2.0**-3)
+    obs = make_observer("percentile", num_bins=512)
+    obs.update(x[:5000])  # the grid then grows (rebins) on the rest
+    for part in np.array_split(x[5000:], 3):
+        obs.update(rng.permutation(part) if part.size < 100_000 else part)
+    counts, edges = obs.histogram()
+    w = edges[1] - edges[0]
+    g = np.floor(x.astype(np.float64) / w).astype(np.int64)  # w is a power of two: exact
+    ref = np.bincount(g - g.min())
+    assert np.array_equal(counts, ref)
+    x64 = x.astype(np.float64)
+    ref_np, _ = np.histogram(x64, bins=edges)
+    ref_np[-1] -= np.count_nonzero(x64 == edges[-1])  # numpy's last bin is closed
+    assert np.array_equal(counts, ref_np)
+    assert counts.sum() == x.size
+
+
+@pytest.mark.parametrize("dtype", (np.float16, np.float64, np.int32, np.int64))
+def test_histogram_other_dtypes_count_every_value(dtype):
+    rng = np.random.default_rng(12)
+    if np.dtype(dtype).kind == "i":
+        big = (2**24 + 1) if dtype == np.int32 else 2**40 + 1  # not exact in float32
+        x = np.concatenate([rng.integers(-1000, 1000, 50_000), [big, -big, big - 1]]).astype(dtype)
+        obs = make_observer("percentile", outlier_abs=1e13)
+    else:
+        x = (rng.standard_normal(50_000) * 100).astype(dtype)
+        obs = make_observer("percentile")
+    obs.update(x)
+    obs.update(x[::-1].copy())
+    counts, edges = obs.histogram()
+    assert counts.sum() == 2 * x.size  # nothing lost off either end of the grid
+    w = edges[1] - edges[0]  # ints beyond 2**24 are binned as float32: within a bin
+    assert edges[0] - w <= float(x.min()) and float(x.max()) <= edges[-1] + w
+
+
 @pytest.mark.parametrize("method", ("minmax", *HIST_METHODS))
 def test_merge_equals_observing_both(method):
     rng = np.random.default_rng(4)
