@@ -764,3 +764,40 @@ def test_samples_limit_never_pulls_more(cls_model, cls_feeds):
     data = load_calibration_data(reader, cls_model, samples=5)
     assert len(data) == 5 and len(list(data)) == 5 and len(list(data)) == 5
     assert reader.calls == 5
+
+
+def test_prefetch_stays_at_most_two_feeds_ahead_and_stops():
+    import time
+
+    pulled = []
+
+    class Source:
+        def __iter__(self):
+            for i in range(50):
+                pulled.append(i)
+                yield {"i": i}
+
+    with collect_mod._prefetched(Source()) as feeds:
+        for k, feed in enumerate(feeds):
+            assert feed == {"i": k}  # in order
+            time.sleep(0.01)  # a slow consumer: the loader must wait, not run ahead
+            assert len(pulled) <= k + 3  # this feed, one queued, one being read
+            if k == 5:
+                break
+    n = len(pulled)
+    time.sleep(0.05)
+    assert len(pulled) == n <= 8  # joined on exit: the source is not read any more
+
+
+def test_prefetch_raises_errors_in_order():
+    class Source:
+        def __iter__(self):
+            yield from ({"i": i} for i in range(3))
+            raise OnnxoptError("feed 3: broken")
+
+    got = []
+    with pytest.raises(OnnxoptError, match="feed 3: broken"):
+        with collect_mod._prefetched(Source()) as feeds:
+            for feed in feeds:
+                got.append(feed["i"])
+    assert got == [0, 1, 2]

@@ -494,6 +494,7 @@ def _run_group(model, data, group, inputs, threads, advance, gi, ngroups) -> Non
     full = [t for t in group if not t.reduce]
     reduced = [t for t in group if t.reduce]
     state: dict = {"sess": None, "names": []}
+    stack = contextlib.ExitStack()
 
     def build() -> None:
         if state["sess"] is not None:
@@ -523,7 +524,7 @@ def _run_group(model, data, group, inputs, threads, advance, gi, ngroups) -> Non
     if group:
         build()
     try:
-        for i, feed in enumerate(data):
+        for i, feed in enumerate(stack.enter_context(_prefetched(data))):
             for t in inputs:
                 t.update(feed[t.name])
             if group:
@@ -553,8 +554,63 @@ def _run_group(model, data, group, inputs, threads, advance, gi, ngroups) -> Non
                     del again
             advance(gi, ngroups)
     finally:
+        stack.close()  # the loader thread is stopped and joined before the session goes
         if state["sess"] is not None:
             state["sess"].close()
+
+
+_DONE = object()
+
+
+@contextlib.contextmanager
+def _prefetched(data: CalibrationData) -> Iterator[Iterator[Mapping[str, np.ndarray]]]:
+    """Iterate ``data`` with the next feed read (decoded, preprocessed, validated) in a
+    background thread while the current one runs: ORT and numpy release the GIL, so a
+    loader costs wall time only where it waits. At most two feeds are ahead (one queued,
+    one being read), so memory does not grow with the number of samples. Errors arrive in
+    order, after the feeds before them; on exit the thread is stopped and joined (it may
+    finish the feed it is reading), so the source is never read after calibration."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for feed in data:
+                if not put((feed, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put((_DONE, e))
+
+    thread = threading.Thread(target=work, name="onnxopt-calib-loader", daemon=True)
+
+    def feeds() -> Iterator[Mapping[str, np.ndarray]]:
+        while True:
+            feed, err = q.get()
+            if err is not None:
+                raise err
+            if feed is _DONE:
+                return
+            yield feed
+
+    thread.start()
+    try:
+        yield feeds()
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager
