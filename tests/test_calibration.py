@@ -609,24 +609,43 @@ def test_collect_minmax_equals_brute_force(monkeypatch, cls_model, cls_feeds, cl
 
 
 def test_grouping_gives_identical_stats(monkeypatch, cls_model, cls_feeds, cls_all_tensors):
+    """Tensors fetched in groups are computed the same way in every group: each group's
+    session is a cut of one ORT-optimised base; without a base (large models), the graph
+    as written. Either way the stats do not depend on the grouping, and the two ways agree
+    to float rounding."""
     data = load_calibration_data(cls_feeds, cls_model)
     names = cls_all_tensors[::3]
-    sessions = []
-    real = collect_mod._augmented
+    cuts = []
+    real = collect_mod._group_model
 
-    def counting(model, group_names, reduced=()):
-        sessions.append(len(group_names) + len(reduced))
-        return real(model, group_names, reduced)
+    def counting(base, group_names):
+        cuts.append(len(group_names))
+        return real(base, group_names)
 
-    monkeypatch.setattr(collect_mod, "_augmented", counting)
+    monkeypatch.setattr(collect_mod, "_group_model", counting)
     one = collect_stats(cls_model, data, names, method="percentile", progress=False)
-    assert len(sessions) == 1
+    assert cuts == [len(names)]
     many = collect_stats(cls_model, data, names, method="percentile", progress=False, max_group_bytes=600_000)
-    assert len(sessions) > 5 and sum(sessions[1:]) == len(names)
+    assert len(cuts) > 5 and sum(cuts[1:]) == len(names)
     for name in names:
         a, b = one[name], many[name]
         assert (a.min, a.max, a.count, a.observed_min, a.observed_max) == (
             b.min, b.max, b.count, b.observed_min, b.observed_max), name
+
+    monkeypatch.setattr(collect_mod, "_optimized_base", lambda *a: None)
+    sessions = []
+    real_aug = collect_mod._augmented
+    monkeypatch.setattr(collect_mod, "_augmented", lambda m, n, r=None: sessions.append(len(n)) or real_aug(m, n, r))
+    plain_one = collect_stats(cls_model, data, names, method="percentile", progress=False)
+    assert sessions == [len(names)] and len(cuts) > 5  # no new cuts: the graph as written
+    plain_many = collect_stats(cls_model, data, names, method="percentile", progress=False, max_group_bytes=600_000)
+    assert len(sessions) > 5 and sum(sessions[1:]) == len(names)
+    for name in names:
+        a, b, c = plain_one[name], plain_many[name], one[name]
+        assert (a.min, a.max, a.count, a.observed_min, a.observed_max) == (
+            b.min, b.max, b.count, b.observed_min, b.observed_max), name
+        assert (c.observed_min, c.observed_max) == pytest.approx((a.observed_min, a.observed_max), rel=1e-5, abs=1e-5)
+        assert c.count == a.count
 
 
 def test_channel_absmax_and_mean(cls_model, cls_feeds, cls_all_tensors, brute_force):
