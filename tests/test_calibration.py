@@ -820,3 +820,35 @@ def test_prefetch_raises_errors_in_order():
             for feed in feeds:
                 got.append(feed["i"])
     assert got == [0, 1, 2]
+
+
+def test_concurrency_policy():
+    mb = 1024 * 1024
+    assert collect_mod._concurrency(1, 0, 512 * mb) == (1, 1)
+    assert collect_mod._concurrency(2, 0, 512 * mb) == (2, 1)  # reductions only: runs side by side
+    assert collect_mod._concurrency(16, 0, 512 * mb) == (collect_mod._MAX_INFLIGHT, 16 // collect_mod._MAX_INFLIGHT)
+    assert collect_mod._concurrency(2, 174 * mb, 512 * mb) == (2, 1)  # two batches of outputs fit
+    assert collect_mod._concurrency(2, 300 * mb, 512 * mb) == (1, 2)  # one fills the budget
+
+
+@pytest.mark.parametrize("method", ("minmax", "percentile"))
+def test_runs_in_flight_give_identical_stats(monkeypatch, cls_model, cls_feeds, cls_all_tensors, method):
+    """Runs in flight change only when ORT computes a feed, not what the observers see:
+    they process the results in feed order, in one thread. Also through the switch of a
+    NaN-carrying tensor from the reductions to fetched values (runs in flight on the old
+    session are re-run)."""
+    bad = cls_feeds[1]["x"].copy()
+    bad[0, 1, 20, 30] = np.nan
+    feeds = [*cls_feeds, {"x": bad}, *cls_feeds]
+    names = ["x", *cls_all_tensors[:30]]
+    got = {}
+    for inflight in (1, 3):
+        monkeypatch.setattr(collect_mod, "_concurrency", lambda threads, gb, budget, k=inflight: (k, 1))
+        got[inflight] = collect_stats(cls_model, feeds, names, method=method, mean_for=names[1:4], progress=False)
+    assert any(not s.finite for s in got[1].values())
+    for name in names:
+        a, b = got[1][name], got[3][name]
+        assert (a.min, a.max, a.count, a.nonfinite_count, a.observed_min, a.observed_max) == (
+            b.min, b.max, b.count, b.nonfinite_count, b.observed_min, b.observed_max), name
+        if a.mean_per_channel is not None:
+            assert np.array_equal(a.mean_per_channel, b.mean_per_channel)
