@@ -852,3 +852,15 @@ def test_runs_in_flight_give_identical_stats(monkeypatch, cls_model, cls_feeds, 
             b.min, b.max, b.count, b.nonfinite_count, b.observed_min, b.observed_max), name
         if a.mean_per_channel is not None:
             assert np.array_equal(a.mean_per_channel, b.mean_per_channel)
+
+
+def test_minmax_through_the_base_equals_an_optimised_session(monkeypatch, cls_model, cls_feeds, cls_all_tensors):
+    """Reductions-only sessions are cut from the saved, ORT-optimised base and run with
+    optimizations off: bit for bit what a session built with optimizations on computes."""
+    data = load_calibration_data(cls_feeds, cls_model)
+    via_base = collect_stats(cls_model, data, cls_all_tensors, progress=False)
+    monkeypatch.setattr(collect_mod, "_optimized_base", lambda *a: None)
+    direct = collect_stats(cls_model, data, cls_all_tensors, progress=False)
+    for name in cls_all_tensors:
+        a, b = via_base[name], direct[name]
+        assert (a.min, a.max, a.count, a.finite) == (b.min, b.max, b.count, b.finite), name
