@@ -250,7 +250,8 @@ def main() -> None:
     ap.add_argument("--counts", default="16,128,512")
     ap.add_argument("--runners", default="ours-minmax,ours-percentile,ort-minmax")
     ap.add_argument(
-        "--methods", help="shorthand for --runners ours-<m> for each method given, plus ort-minmax (e.g. minmax,percentile)"
+        "--methods",
+        help="shorthand for --runners ours-<m> for each method given, plus ort-minmax (e.g. minmax,percentile)",
     )
     ap.add_argument("--ort-percentile", action="store_true", help="also ORT Percentile (16 and 128 only; ~GBs)")
     ap.add_argument("--minilm", type=int, default=0, metavar="N", help="also MiniLM with N sentences (e.g. 100)")
