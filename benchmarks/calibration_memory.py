@@ -8,6 +8,7 @@ reads the child's own ``ru_maxrss`` from ``os.wait4``. Runners:
 
 - ``ours-minmax``      onnxopt.calibration.collect_stats(method="minmax")
 - ``ours-percentile``  onnxopt.calibration.collect_stats(method="percentile") (99.99, 2048 bins)
+- ``ours-entropy``, ``ours-mse``  the other histogram methods (same pass, another range search)
 - ``ort-minmax``       onnxruntime.quantization create_calibrator(MinMax) + collect_data + compute_data
 - ``ort-percentile``   ORT's Percentile (only with --ort-percentile and never at 512: it keeps every
                        activation of every sample, ~18 GB at 26 images)
@@ -25,6 +26,11 @@ Runners are interleaved per sample count so machine drift hits all of them alike
 
     python benchmarks/calibration_memory.py                  # 16, 128, 512
     python benchmarks/calibration_memory.py --counts 16,128 --runners ours-minmax,ort-minmax
+    python benchmarks/calibration_memory.py --methods minmax,percentile,entropy,mse   # + ort-minmax
+
+ORT's calibrator runs as ORT ships it: graph optimizations off, intra-op threads = ORT's
+default (one per physical core), thread spinning on (ORT's default). Ours: ORT's default
+thread count, spinning off, optimizations on for reductions-only (min-max) sessions.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from _measure import run_measured  # noqa: E402  (benchmarks/ is not a package)
 RUNNERS = (
     "ours-minmax",
     "ours-percentile",
+    "ours-entropy",
+    "ours-mse",
     "ort-minmax",
     "ort-percentile",
     "minilm-ours-minmax",
@@ -241,6 +249,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--counts", default="16,128,512")
     ap.add_argument("--runners", default="ours-minmax,ours-percentile,ort-minmax")
+    ap.add_argument(
+        "--methods",
+        help="shorthand for --runners ours-<m> for each method given, plus ort-minmax (e.g. minmax,percentile)",
+    )
     ap.add_argument("--ort-percentile", action="store_true", help="also ORT Percentile (16 and 128 only; ~GBs)")
     ap.add_argument("--minilm", type=int, default=0, metavar="N", help="also MiniLM with N sentences (e.g. 100)")
     ap.add_argument("--size", type=int, default=640)
@@ -255,6 +267,11 @@ def main() -> None:
 
     counts = [int(c) for c in args.counts.split(",")]
     runners = [r for r in args.runners.split(",") if r]
+    if args.methods:
+        runners = [f"ours-{m.strip()}" for m in args.methods.split(",") if m.strip()] + ["ort-minmax"]
+    bad = [r for r in runners if r not in RUNNERS]
+    if bad:
+        ap.error(f"unknown runner {bad[0]!r} (choose from {', '.join(RUNNERS)})")
     if args.ort_percentile and "ort-percentile" not in runners:
         runners.append("ort-percentile")
     print(

