@@ -31,7 +31,7 @@ import onnx_ir as ir
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import op_histogram, opset_version
 from onnxopt.model_io import check_output_path, load_model, save_model
-from onnxopt.quantization import analysis
+from onnxopt.quantization import analysis, cnn
 from onnxopt.quantization.context import QuantContext
 from onnxopt.quantization.opset import ensure_opset
 from onnxopt.quantization.qdq import build_qdq, quantize_biases
@@ -160,6 +160,7 @@ def quantize(
     weight_transforms: Sequence[Hook] = (),
     sensitivity: bool | None = None,
     holdout: int | None = None,
+    equalize: str | bool = "auto",
 ) -> QuantizeResult:
     """Quantize a float model to int8 QDQ for ``target``; see the module docstring.
 
@@ -173,7 +174,9 @@ def quantize(
     ``max_drop`` is given). ``holdout``: how many of the last calibration samples are kept
     out of calibration to measure the drop (default: a fifth, at most 16).
     ``float_transforms`` / ``weight_transforms``: hooks, see /work/notes/quant_interface.md
-    and :class:`QuantContext`.
+    and :class:`QuantContext`. ``equalize``: cross-layer equalization as the first float
+    transform, "auto" (depthwise-separable CNNs), True/"on", False/"off"; see :mod:`.cnn`,
+    which also raises a model with decomposed hard-swish to opset 14 so it is fused.
     """
     from onnxopt.calibration import collect_stats, load_calibration_data
     from onnxopt.optimize import optimize
@@ -201,6 +204,9 @@ def quantize(
     # Open (and validate the first feed of) the calibration data before any slow work.
     data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes)
 
+    # CNN defaults (.cnn): decomposed hard-swish -> opset 14, so the pipeline fuses it.
+    before = opset_version(src)
+    src = cnn.prepare_opset(src, next(iter(data)), rep)
     _say(progress, "float optimize pipeline")
     opt = optimize(src, verify="final", shapes=shapes)
     model = opt.model
@@ -224,13 +230,14 @@ def quantize(
     first_feed = next(iter(data))
 
     # QuantizeLinear/DequantizeLinear exist from opset 10; a per-channel axis needs 13.
-    before = opset_version(model)
     model, how = ensure_opset(model, 13 if scheme.per_channel else 10, feeds=first_feed)
+    if isinstance(rep.get("cnn", {}).get("hardswish_opset"), dict):
+        how = f"{rep['cnn']['hardswish_opset']['how']} to 14 for hard-swish fusion"
     ir.passes.common.NameFixPass()(model)
     rep["opset"] = {"from": before, "to": opset_version(model), "how": how}
 
     ctx = QuantContext(float_model=model, calib=calib_data, scheme=scheme, report=rep)
-    _run_hooks(float_transforms, model, ctx, "float_transforms")
+    _run_hooks(cnn.default_float_transforms(model, float_transforms, equalize), model, ctx, "float_transforms")
 
     layers, skipped = analysis.find_layers(model, absorb_activations=not scheme.symmetric_activations)
     layers, excluded = analysis.apply_exclusions(model, layers, exclude)
@@ -268,6 +275,12 @@ def quantize(
     _say(progress, f"calibrating {len(tensors)} activation tensors with {method} on {len(calib_data)} samples")
     stats = collect_stats(model, calib_data, tensors, method=method, progress=progress,
                           symmetric=scheme.symmetric_activations)
+    tailed = cnn.tailed_activation_tensors(model, tensors) if method == "minmax" else []
+    if tailed:  # .cnn: hard-swish outputs get an MSE range instead of min-max
+        _say(progress, f"re-calibrating {len(tailed)} hard-swish outputs with mse")
+        stats.update(collect_stats(model, calib_data, tailed, method="mse", progress=progress,
+                                   symmetric=scheme.symmetric_activations))
+        rep["calibration"]["mse_tensors"] = tailed
     rep["calibration"]["seconds"] = round(time.perf_counter() - t_cal, 3)
     ctx.stats = stats
     ranges: dict[str, tuple[float, float]] = {}
@@ -288,6 +301,8 @@ def quantize(
                 if layer.absorbed_activation:  # Relu / Clip(0, c): the Q's range starts at 0
                     cmax = analysis.clip_max(model, layer.absorbed_activation)
                     lo, hi = 0.0, (min(hi, cmax) if cmax is not None else hi)
+                else:  # read only by HardSwish / HardSigmoid: not below their flat part (.cnn)
+                    lo, hi = cnn.clamp_to_consumers(model, layer.out_range_tensor, lo, hi)
                 ranges[layer.out_range_tensor] = (lo, hi)
         usable.append(layer)
     layers = usable
