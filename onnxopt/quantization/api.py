@@ -31,7 +31,7 @@ import onnx_ir as ir
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import op_histogram, opset_version
 from onnxopt.model_io import check_output_path, load_model, save_model
-from onnxopt.quantization import analysis, cnn
+from onnxopt.quantization import analysis, cnn, glue
 from onnxopt.quantization.context import QuantContext
 from onnxopt.quantization.opset import ensure_opset
 from onnxopt.quantization.qdq import build_qdq, quantize_biases
@@ -242,9 +242,11 @@ def quantize(
     layers, skipped = analysis.find_layers(model, absorb_activations=not scheme.symmetric_activations)
     layers, excluded = analysis.apply_exclusions(model, layers, exclude)
     masks = analysis.mask_tensors(model)
-    float_reasons: dict[str, str] = {**excluded}
+    float_reasons: dict[str, str] = {**excluded, **cnn.float_stem_layers(model, layers, first_feed)}
     kept = []
     for layer in layers:
+        if layer.name in float_reasons:
+            continue
         if layer.act_input in masks:
             float_reasons[layer.name] = f"input on {masks[layer.act_input]}"
         else:
@@ -271,11 +273,13 @@ def quantize(
         sq_entries = apply_smoothquant(model, layers, absmax, alpha=smoothquant_alpha)
     rep["smoothquant"] = {"alpha": smoothquant_alpha, "groups": sq_entries} if use_sq else "off"
 
-    tensors = sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor})
+    glue_nodes = glue.find_glue(model, layers)  # CNN Add/Mul/Concat/Resize between activations
+    tensors = sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor}
+                     | glue.glue_tensors(glue_nodes))
     _say(progress, f"calibrating {len(tensors)} activation tensors with {method} on {len(calib_data)} samples")
     stats = collect_stats(model, calib_data, tensors, method=method, progress=progress,
                           symmetric=scheme.symmetric_activations)
-    tailed = cnn.tailed_activation_tensors(model, tensors) if method == "minmax" else []
+    tailed = cnn.tailed_activation_tensors(model, tensors, layers) if method == "minmax" else []
     if tailed:  # .cnn: hard-swish outputs get an MSE range instead of min-max
         _say(progress, f"re-calibrating {len(tailed)} hard-swish outputs with mse")
         stats.update(collect_stats(model, calib_data, tailed, method="mse", progress=progress,
@@ -306,12 +310,18 @@ def quantize(
                 ranges[layer.out_range_tensor] = (lo, hi)
         usable.append(layer)
     layers = usable
+    for name in sorted(glue.glue_tensors(glue_nodes)):
+        if name not in ranges and not analysis.unusable_range(stats[name]):
+            ranges[name] = (stats[name].min, stats[name].max)
+    glue_nodes = glue.usable_glue(glue_nodes, ranges)
+    if glue_nodes:
+        rep["glue"] = {g.op_type: sum(1 for x in glue_nodes if x.op_type == g.op_type) for g in glue_nodes}
     if not layers:
         raise OnnxoptError("nothing to quantize: every candidate layer's input range is unusable "
                            "(see the reasons with --report)")
 
     def build(selected: list, ctx_: QuantContext | None = None):
-        qmodel, qlayers = build_qdq(model, selected, ranges, scheme)
+        qmodel, qlayers = build_qdq(model, selected, ranges, scheme, glue=glue_nodes)
         if ctx_ is not None:
             ctx_.layers = qlayers
             _run_hooks(weight_transforms, qmodel, ctx_, "weight_transforms")

@@ -26,7 +26,7 @@ optimized graph):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -161,10 +161,13 @@ def build_qdq(
     layers: list[Layer],
     ranges: dict[str, tuple[float, float]],
     scheme: Scheme,
+    glue: Sequence = (),
 ) -> tuple[ir.Model, list[QuantLayer]]:
     """A new model with ``layers`` in QDQ form (``float_model`` is not modified).
 
     ``ranges``: {tensor: (lo, hi)} for every layer's input and quantized output range tensor.
+    ``glue``: :class:`onnxopt.quantization.glue.GlueNode` s whose activation inputs and output
+    get Q/DQ too (ranges in ``ranges``; a Resize output reuses its input's parameters).
     """
     model = clone_model(float_model)
     raise_ir_version(model)  # IR 3 (opset <= 8 exports) would demand every new initializer as an input
@@ -198,13 +201,16 @@ def build_qdq(
             if found is not None:
                 foldable[name] = found[:3]
 
-    def qdq(tensor: ir.Value, range_name: str) -> tuple[ir.Value, float, int]:
+    def qdq(tensor: ir.Value, range_name: str | None, params=None) -> tuple[ir.Value, float, int]:
         if tensor.name in dq_of:
             return dq_of[tensor.name]
         if tensor.name in made:  # already the DQ of a quantized Conv output (absorbed Relu)
             return made[tensor.name]
-        lo, hi = ranges[range_name]
-        scale, zp = activation_qparams(lo, hi, scheme)
+        if params is not None:
+            scale, zp = np.float32(params[0]), int(params[1])
+        else:
+            lo, hi = ranges[range_name]
+            scale, zp = activation_qparams(lo, hi, scheme)
         base = tensor.name
         s = _initializer(graph, _unique(f"{base}_scale", taken), np.array(scale, dtype=np.float32))
         z = _initializer(graph, _unique(f"{base}_zero_point", taken), np.array(zp, dtype=scheme.act_numpy))
@@ -283,6 +289,21 @@ def build_qdq(
             bias_name = _add_residual_to_bias(graph, node, layer, residual[layer.act_input], wq, w_scale, axis, taken)
         qlayers.append(QuantLayer(layer.name, layer.op_type, node, layer.weight, axis, w_scale, x_scale, x_zp,
                                   w_tensor, wq, bias_name))
+    for g in glue:
+        node = nodes.get(g.name)
+        if node is None:
+            continue
+        in_params = None
+        for idx, tname in g.inputs:
+            v_dq, v_scale, v_zp = qdq(node.inputs[idx], tname)
+            node.replace_input_with(idx, v_dq)
+            in_params = (v_scale, v_zp)
+        out = node.outputs[0]
+        y_dq, _, _ = qdq(out, g.output, params=in_params if g.op_type == "Resize" else None)
+        q_node = y_dq.producer().inputs[0].producer()
+        for user, idx in list(out.uses()):
+            if user is not q_node:
+                user.replace_input_with(idx, y_dq)
     for n in new_nodes:
         graph.append(n)
     common.TopologicalSortPass()(model)
