@@ -8,6 +8,8 @@ Measured on the PP-OCRv4 text detector (``docs/quantization.md``, PP-OCRv4 det s
   where most of the int8 model's time went. :func:`prepare_opset` raises such a model to
   opset 14 before the float pipeline, whose ``fuse-hardswish`` pass then writes one
   ``HardSwish`` per activation (the float model alone gets 1.2x faster).
+* **Float stem** (:func:`float_stem_layers`) and **range rules**
+  (:func:`clamp_to_consumers`, :func:`tailed_activation_tensors`), see their docstrings.
 * **Cross-layer equalization** (:mod:`.equalization`, affine folding included) for
   depthwise-separable CNNs (:func:`is_depthwise_cnn`): it folds the per-channel affine ops
   exporters leave after convs into the convs and balances conv -> (Relu) -> conv weight
@@ -99,15 +101,13 @@ def is_depthwise_cnn(model: ir.Model) -> bool:
 
 
 def default_float_transforms(model: ir.Model, hooks: Sequence, equalize) -> list:
-    """``hooks`` preceded by :func:`convtranspose_to_conv` (when the model has a
-    ConvTranspose) and cross-layer equalization (when ``equalize`` is True, or "auto" and the
-    model is a depthwise-separable CNN), each unless the caller passed it already."""
+    """``hooks`` preceded by cross-layer equalization when ``equalize`` is True, or "auto" and
+    the model is a depthwise-separable CNN (unless the caller passed it already)."""
     from onnxopt.quantization.equalization import cross_layer_equalization
 
     hooks = list(hooks)
     first = []
-    if any(n.op_type == "ConvTranspose" for n in model.graph) and convtranspose_to_conv not in hooks:
-        first.append(convtranspose_to_conv)  # exact; makes the upsampling head quantizable
+    # (convtranspose_to_conv is not a default: measured slower in ORT 1.32, see its docstring)
     if equalize in (True, "on") or (equalize not in (False, "off") and is_depthwise_cnn(model)):
         if cross_layer_equalization not in hooks:
             first.append(cross_layer_equalization)
@@ -200,6 +200,9 @@ def _ints(node: ir.Node, name: str, default):
     return list(attr.value) if attr is not None else default
 
 
+CONVT_MIN_OUT_CHANNELS = 0
+
+
 def convtranspose_to_conv(model: ir.Model, ctx=None) -> str:
     """``float_transforms`` hook: a ConvTranspose whose kernel equals its stride (k x k,
     stride k, no padding, dilation 1, group 1) is a 1x1 Conv to ``C_out * k * k`` channels
@@ -208,10 +211,16 @@ def convtranspose_to_conv(model: ir.Model, ctx=None) -> str:
         y[o, k*i + a, k*j + b] = sum_c x[c, i, j] W[c, o, a, b] + bias[o]
         -> Conv weight Wc[o*k*k + a*k + b, c] = W[c, o, a, b], bias repeated k*k times
 
-    ONNX Runtime (1.2x-1.3x) has no int8 ConvTranspose on CPU, so a detector's upsampling
-    head ran in float (PP-OCRv4 det: the largest single node of the int8 model); as a Conv it
-    becomes a QLinearConv. A following pointwise activation (Relu, Sigmoid, ...) is moved in
-    front of the DepthToSpace, so a Relu is absorbed into the conv's output quantizer.
+    ONNX Runtime 1.32 has no int8 ConvTranspose on CPU (a QDQ ConvTranspose stays float), so
+    a detector's upsampling head runs in float; as a Conv it becomes a QLinearConv. A
+    following pointwise activation (Relu, Sigmoid, ...) is moved in front of the
+    DepthToSpace, so a Relu is absorbed into the conv's output quantizer.
+
+    Opt-in (``float_transforms=[convtranspose_to_conv]``), not a default: on PP-OCRv4 det the
+    int8 model got slower (27.9 -> 45 ms, interleaved): ORT runs the uint8 DepthToSpace in
+    NCHW between NHWC QLinearConvs (two layout transposes of a 320x320x24 tensor), and a
+    QLinearConv with 4 output channels (the 24 -> 1 ConvTranspose) is slower than the float
+    ConvTranspose. Same accuracy.
     """
     from onnxopt.passes._fusion_util import Names, take_over
 
@@ -227,7 +236,7 @@ def convtranspose_to_conv(model: ir.Model, ctx=None) -> str:
         if w_t is None or len(w_t.shape) != 4 or (b_in is not None and b_t is None):
             continue
         c_in, c_out, kh, kw = (int(d) for d in w_t.shape)
-        if kh != kw or node.attributes.get_int("group", 1) != 1 \
+        if c_out < CONVT_MIN_OUT_CHANNELS or kh != kw or node.attributes.get_int("group", 1) != 1 \
                 or _ints(node, "strides", [1, 1]) != [kh, kw] \
                 or any(_ints(node, "pads", [0, 0, 0, 0])) or any(_ints(node, "output_padding", [0, 0])) \
                 or _ints(node, "dilations", [1, 1]) != [1, 1] or node.attributes.get("output_shape") is not None \

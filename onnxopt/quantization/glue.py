@@ -80,3 +80,4 @@ def glue_tensors(glue: Sequence[GlueNode]) -> set[str]:
 def usable_glue(glue: Sequence[GlueNode], ranges: dict) -> list[GlueNode]:
     """The glue nodes whose every tensor has a range in ``ranges`` (a calibrated, usable one)."""
     return [g for g in glue if all(t in ranges for t in glue_tensors([g]))]
+
