@@ -175,8 +175,9 @@ def quantize(
     out of calibration to measure the drop (default: a fifth, at most 16).
     ``float_transforms`` / ``weight_transforms``: hooks, see /work/notes/quant_interface.md
     and :class:`QuantContext`. ``equalize``: cross-layer equalization as the first float
-    transform, "auto" (depthwise-separable CNNs), True/"on", False/"off"; see :mod:`.cnn`,
-    which also raises a model with decomposed hard-swish to opset 14 so it is fused.
+    transform: True/"on", False/"off", "auto" (currently off, measured in :mod:`.cnn`, which
+    also holds the other CNN defaults: hard-swish fusion via opset 14, the float stem, the
+    range rules).
     """
     from onnxopt.calibration import collect_stats, load_calibration_data
     from onnxopt.optimize import optimize
