@@ -189,7 +189,7 @@ def det(args, tmp: str) -> list[dict]:
         except Exception as e:  # noqa: BLE001
             rows[name]["error"] = str(e).splitlines()[0][:120]
             paths.pop(name)
-    for name, r in _bench(paths, ev_text[0], args.threads, max(10, args.runs // 5)).items():
+    for name, r in _bench(paths, ev_text[0], args.threads, max(20, args.runs // 2)).items():
         rows[name].update(r)
     return [{"model": "PP-OCRv4 det 640", "candidate": k, **v} for k, v in rows.items()]
 
