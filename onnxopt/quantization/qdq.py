@@ -117,6 +117,11 @@ def _unique(base: str, taken: set[str]) -> str:
     return name
 
 
+# Fold a scalar affine read only by quantized Convs into their activation quantizer (see the
+# module docstring); a switch for benchmarks/det_cnn_defaults.py's step-by-step measurement.
+FOLD_SCALAR_AFFINE = True
+
+
 def _scalar_of(value: ir.Value | None) -> float | None:
     if value is None or value.const_value is None or not value.is_initializer():
         return None
@@ -188,7 +193,7 @@ def build_qdq(
     for layer in layers:
         act_readers.setdefault(layer.act_input, set()).add(layer.op_type)
     foldable: dict[str, tuple[ir.Value, float, float]] = {}
-    if not scheme.symmetric_activations:
+    if FOLD_SCALAR_AFFINE and not scheme.symmetric_activations:
         conv_inputs = {l.name: l.act_input for l in layers if l.op_type == "Conv"}
         for name, ops in act_readers.items():
             value = values.get(name)
