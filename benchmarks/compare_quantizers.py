@@ -11,10 +11,14 @@ Candidates (same calibration and held-out data for all, from onnxopt.testing.rea
   (QDQ, MatMul only, per-channel int8 weights, uint8 activations, MinMax); ORT
   ``quantize_dynamic`` (per-channel). Accuracy: sentence-embedding cosine vs fp32 (mean,
   min) and nearest-neighbour agreement.
-- PP-OCRv4 det (640x640; 10 "calib" photos, 10 "eval" photos): onnxopt ``quantize``; ORT
+- PP-OCRv4 det (640x640; calibration on the 10 "calib" photos): onnxopt ``quantize``; ORT
   ``quantize_static`` per-tensor MinMax on the opset-12 model; ORT per-channel MinMax on the
   model upgraded to opset 13 (onnxopt's upgrade: plain opset bump, verified). Accuracy:
-  pooled mask IoU and min IoU (``det_mask_iou``).
+  pooled mask IoU and min IoU (``det_mask_iou``) on two held-out sets: "eval-text" (the 10
+  eval photos with real sentences rendered on them + page.png: what a text detector is for;
+  the fp32 model's own noise floor there is ~0.998) and "eval" (the plain photos, mostly
+  without text: masks there are texture false positives, the fp32 model under fp16 weights
+  already gives min IoU 0.89, so its min IoU is reported but cannot judge a quantizer).
 - Latency: ``onnxopt.bench.benchmark``, all candidates of a model interleaved in rounds,
   2 intra-op threads, speedup over fp32 = median of paired per-round ratios with a
   bootstrap 95% interval. Quantization time is wall time of the whole call (ours includes
@@ -153,6 +157,7 @@ def det(args, tmp: str) -> list[dict]:
     fp32 = str(rm.ppocr_model("det"))
     feeds = [{"x": rm.det_preprocess(img, 640)} for _, img in rm.images("calib")]
     ev = [{"x": rm.det_preprocess(img, 640)} for _, img in rm.images("eval")]
+    ev_text = [{"x": rm.det_preprocess(img, 640)} for _, img in rm.images("eval-text")]
     paths = {"fp32": fp32}
     rows = {"fp32": {"setting": "float32", "quant_s": 0.0}}
     paths["onnxopt"] = os.path.join(tmp, "det_onnxopt.onnx")
@@ -171,16 +176,20 @@ def det(args, tmp: str) -> list[dict]:
         rows["ort-per-channel"] = {"setting": f"QDQ all ops, per-channel, MinMax (opset 13, {how})", "quant_s": s}
     except Exception as e:  # noqa: BLE001 - a failing peer is a result, not a crash
         rows["ort-per-channel"] = {"setting": "per-channel opset 13", "error": str(e).splitlines()[0][:120]}
-    ref = [_session(fp32, args.threads).run(None, f)[0] for f in ev]
+    ref_sess = _session(fp32, args.threads)
+    ref = [ref_sess.run(None, f)[0] for f in ev]
+    ref_text = [ref_sess.run(None, f)[0] for f in ev_text]
     for name, p in list(paths.items()):
         try:
             sess = _session(p, args.threads)
             r = rm.det_mask_iou(ref, [sess.run(None, f)[0] for f in ev])
-            rows[name].update({"mean_iou": r["mean_iou"], "min_iou": r["min_iou"]})
+            rt = rm.det_mask_iou(ref_text, [sess.run(None, f)[0] for f in ev_text])
+            rows[name].update({"text_mean_iou": rt["mean_iou"], "text_min_iou": rt["min_iou"],
+                               "mean_iou": r["mean_iou"], "min_iou": r["min_iou"]})
         except Exception as e:  # noqa: BLE001
             rows[name]["error"] = str(e).splitlines()[0][:120]
             paths.pop(name)
-    for name, r in _bench(paths, ev[0], args.threads, max(10, args.runs // 5)).items():
+    for name, r in _bench(paths, ev_text[0], args.threads, max(20, args.runs // 2)).items():
         rows[name].update(r)
     return [{"model": "PP-OCRv4 det 640", "candidate": k, **v} for k, v in rows.items()]
 
@@ -215,7 +224,8 @@ def _print(rows: list[dict]) -> None:
     for model in dict.fromkeys(r["model"] for r in rows):
         t = Table(title=model)
         sub = [r for r in rows if r["model"] == model]
-        acc = ["cosine_mean", "cosine_min", "nn_agreement"] if "cosine_mean" in sub[0] else ["mean_iou", "min_iou"]
+        acc = (["cosine_mean", "cosine_min", "nn_agreement"] if "cosine_mean" in sub[0]
+               else ["text_mean_iou", "text_min_iou", "mean_iou", "min_iou"])
         for col in ["candidate", "setting", *acc, "p50_ms", "speedup [95% CI]", "quant_s", "error"]:
             t.add_column(col)
         for r in sub:

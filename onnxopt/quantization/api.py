@@ -31,7 +31,7 @@ import onnx_ir as ir
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import op_histogram, opset_version
 from onnxopt.model_io import check_output_path, load_model, save_model
-from onnxopt.quantization import analysis
+from onnxopt.quantization import analysis, cnn, glue
 from onnxopt.quantization.context import QuantContext
 from onnxopt.quantization.opset import ensure_opset
 from onnxopt.quantization.qdq import build_qdq, quantize_biases
@@ -161,6 +161,7 @@ def quantize(
     sensitivity: bool | None = None,
     holdout: int | None = None,
     range_search: bool = False,
+    equalize: str | bool = "auto",
 ) -> QuantizeResult:
     """Quantize a float model to int8 QDQ for ``target``; see the module docstring.
 
@@ -173,9 +174,12 @@ def quantize(
     MatMul input), False/"off". ``sensitivity``: compute per-layer SQNR (default: when ``report`` or
     ``max_drop`` is given). ``holdout``: how many of the last calibration samples are kept
     out of calibration to measure the drop (default: a fifth, at most 16).
-    ``float_transforms`` / ``weight_transforms``: hooks, see
-    :class:`QuantContext` and docs/quantization.md. ``range_search``: choose MatMul input
-    ranges by layer-output error (:mod:`.range_search`; off: measured worse on MiniLM).
+    ``float_transforms`` / ``weight_transforms``: hooks, see :class:`QuantContext` and
+    docs/quantization.md. ``range_search``: choose MatMul input ranges by layer-output error
+    (:mod:`.range_search`; off: measured worse on MiniLM). ``equalize``: cross-layer
+    equalization as the first float transform: True/"on", False/"off", "auto" (currently
+    off, measured in :mod:`.cnn`, which also holds the other CNN defaults: hard-swish fusion
+    via opset 14, the float stem, the range rules).
     """
     from onnxopt.calibration import collect_stats, load_calibration_data
     from onnxopt.optimize import optimize
@@ -203,6 +207,9 @@ def quantize(
     # Open (and validate the first feed of) the calibration data before any slow work.
     data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes)
 
+    # CNN defaults (.cnn): decomposed hard-swish -> opset 14, so the pipeline fuses it.
+    before = opset_version(src)
+    src = cnn.prepare_opset(src, next(iter(data)), rep)
     _say(progress, "float optimize pipeline")
     opt = optimize(src, verify="final", shapes=shapes)
     model = opt.model
@@ -226,20 +233,23 @@ def quantize(
     first_feed = next(iter(data))
 
     # QuantizeLinear/DequantizeLinear exist from opset 10; a per-channel axis needs 13.
-    before = opset_version(model)
     model, how = ensure_opset(model, 13 if scheme.per_channel else 10, feeds=first_feed)
+    if isinstance(rep.get("cnn", {}).get("hardswish_opset"), dict):
+        how = f"{rep['cnn']['hardswish_opset']['how']} to 14 for hard-swish fusion"
     ir.passes.common.NameFixPass()(model)
     rep["opset"] = {"from": before, "to": opset_version(model), "how": how}
 
     ctx = QuantContext(float_model=model, calib=calib_data, scheme=scheme, report=rep)
-    _run_hooks(float_transforms, model, ctx, "float_transforms")
+    _run_hooks(cnn.default_float_transforms(model, float_transforms, equalize), model, ctx, "float_transforms")
 
     layers, skipped = analysis.find_layers(model, absorb_activations=not scheme.symmetric_activations)
     layers, excluded = analysis.apply_exclusions(model, layers, exclude)
     masks = analysis.mask_tensors(model)
-    float_reasons: dict[str, str] = {**excluded}
+    float_reasons: dict[str, str] = {**excluded, **cnn.float_stem_layers(model, layers, first_feed)}
     kept = []
     for layer in layers:
+        if layer.name in float_reasons:
+            continue
         if layer.act_input in masks:
             float_reasons[layer.name] = f"input on {masks[layer.act_input]}"
         else:
@@ -268,7 +278,13 @@ def quantize(
     # default min-max method: an explicit --method applies to every tensor.
     gelu = sorted(analysis.gelu_outputs(model) & {l.act_input for l in layers} - set(groups)) \
         if method == "minmax" else []
-    tensors = sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor})
+    glue_nodes = glue.find_glue(model, layers)  # CNN Add/Mul/Concat/Resize between activations
+
+    def wanted() -> list[str]:
+        return sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor}
+                      | glue.glue_tensors(glue_nodes))
+
+    tensors = wanted()
     one_pass = method == "minmax"
     if groups and not one_pass:
         # Smoothing changes the tensors the main pass observes: its statistics come first.
@@ -277,11 +293,15 @@ def quantize(
                                channel_absmax_for=list(groups), progress=progress)
         absmax = {k: s.channel_absmax for k, s in gstats.items() if s.finite and s.channel_absmax is not None}
         sq_entries = apply_smoothquant(model, layers, absmax, alpha=alphas, tensors=set(groups))
-        tensors = sorted({l.act_input for l in layers} | {l.out_range_tensor for l in layers if l.out_range_tensor})
+        tensors = wanted()
+    # Hard-swish outputs in fully convolutional models (.cnn) get MSE ranges too.
+    tailed = sorted(set(cnn.tailed_activation_tensors(model, tensors, layers)) - set(groups)) \
+        if method == "minmax" else []
+    mse_for = {t: "mse" for t in [*gelu, *tailed]}
     _say(progress, f"calibrating {len(tensors)} activation tensors with {method} on {len(calib_data)} samples"
-         + (f" ({len(gelu)} GELU outputs with mse)" if gelu else ""))
+         + (f" ({len(mse_for)} tailed activations with mse)" if mse_for else ""))
     stats = collect_stats(model, calib_data, tensors, method=method, progress=progress,
-                          symmetric=scheme.symmetric_activations, method_for={g: "mse" for g in gelu},
+                          symmetric=scheme.symmetric_activations, method_for=mse_for,
                           channel_absmax_for=list(groups) if one_pass else ())
     if groups and one_pass:
         # One pass for everything: the smoothed tensor X / s has min-max range
@@ -300,6 +320,8 @@ def quantize(
                           else "searched per group", "groups": sq_entries} if use_sq else "off"
     if gelu:
         rep["calibration"]["mse_for_gelu_outputs"] = gelu
+    if tailed:
+        rep["calibration"]["mse_tensors"] = tailed
     rep["calibration"]["seconds"] = round(time.perf_counter() - t_cal, 3)
     ctx.stats = stats
     ranges: dict[str, tuple[float, float]] = {}
@@ -320,9 +342,17 @@ def quantize(
                 if layer.absorbed_activation:  # Relu / Clip(0, c): the Q's range starts at 0
                     cmax = analysis.clip_max(model, layer.absorbed_activation)
                     lo, hi = 0.0, (min(hi, cmax) if cmax is not None else hi)
+                else:  # read only by HardSwish / HardSigmoid: not below their flat part (.cnn)
+                    lo, hi = cnn.clamp_to_consumers(model, layer.out_range_tensor, lo, hi)
                 ranges[layer.out_range_tensor] = (lo, hi)
         usable.append(layer)
     layers = usable
+    for name in sorted(glue.glue_tensors(glue_nodes)):
+        if name not in ranges and not analysis.unusable_range(stats[name]):
+            ranges[name] = (stats[name].min, stats[name].max)
+    glue_nodes = glue.usable_glue(glue_nodes, ranges)
+    if glue_nodes:
+        rep["glue"] = {g.op_type: sum(1 for x in glue_nodes if x.op_type == g.op_type) for g in glue_nodes}
     if not layers:
         raise OnnxoptError("nothing to quantize: every candidate layer's input range is unusable "
                            "(see the reasons with --report)")
@@ -330,7 +360,7 @@ def quantize(
         _search_ranges(model, layers, ranges, scheme, calib_data, rep, progress)
 
     def build(selected: list, ctx_: QuantContext | None = None):
-        qmodel, qlayers = build_qdq(model, selected, ranges, scheme)
+        qmodel, qlayers = build_qdq(model, selected, ranges, scheme, glue=glue_nodes)
         if ctx_ is not None:
             ctx_.layers = qlayers
             _run_hooks(weight_transforms, qmodel, ctx_, "weight_transforms")

@@ -12,6 +12,12 @@ optimized graph):
 - a quantized Conv's output gets its own Q/DQ (QLinearConv needs DQ -> Conv -> Q), and all
   its consumers read the DQ; an absorbed Relu/Clip is removed, its range (starting at 0) is
   the Q's range.
+- a scalar affine ``a*x + b`` (``a > 0``: a ``Mul`` and/or ``Add`` by scalar constants, e.g.
+  PP-LCNetV3's "learnable affine blocks" after hard-swish) whose output only quantized Convs
+  read is done by the quantizer instead of two float ops (:func:`_scalar_affine`): the Q
+  reads ``x`` with scale ``s/a`` and zero point ``z + round(b/s)``, the DQ keeps ``(s, z)``,
+  and the rounding left of ``b`` (at most ``s/2``) goes into each Conv's bias (exact except
+  on zero-padded border pixels).
 - Conv/Gemm bias -> int32 initializer with scale = input scale * weight scale (per channel),
   zero point 0, behind a DequantizeLinear; quantized in a separate step
   (:func:`quantize_biases`) so bias correction can edit the float bias in between.
@@ -20,7 +26,7 @@ optimized graph):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -111,15 +117,62 @@ def _unique(base: str, taken: set[str]) -> str:
     return name
 
 
+# Fold a scalar affine read only by quantized Convs into their activation quantizer (see the
+# module docstring); a switch for benchmarks/det_cnn_defaults.py's step-by-step measurement.
+FOLD_SCALAR_AFFINE = True
+
+
+def _scalar_of(value: ir.Value | None) -> float | None:
+    if value is None or value.const_value is None or not value.is_initializer():
+        return None
+    arr = value.const_value.numpy()
+    if arr.size != 1 or arr.dtype.kind != "f":
+        return None
+    v = float(arr.reshape(-1)[0])
+    return v if np.isfinite(v) else None
+
+
+def _scalar_affine(tensor: ir.Value) -> tuple[ir.Value, float, float, list[ir.Node]] | None:
+    """``tensor = a*x + b`` by at most one ``Mul`` and one ``Add`` with scalar constants (either
+    order), every intermediate read only by the next op: ``(x, a, b, nodes)``, or None."""
+    a, b, nodes, cur = 1.0, 0.0, [], tensor
+    seen: set[str] = set()
+    while len(nodes) < 2:
+        node = cur.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in ("Mul", "Add") \
+                or node.op_type in seen or len(node.inputs) != 2:
+            break
+        if nodes and (len(list(cur.uses())) != 1 or cur.is_graph_output()):
+            break
+        k0, k1 = _scalar_of(node.inputs[0]), _scalar_of(node.inputs[1])
+        if (k0 is None) == (k1 is None):
+            break
+        k, other = (k0, node.inputs[1]) if k0 is not None else (k1, node.inputs[0])
+        # tensor = a*cur + b, walking back: cur = k*other or cur = other + k
+        if node.op_type == "Mul":
+            a = a * k
+        else:
+            b = b + a * k
+        seen.add(node.op_type)
+        nodes.append(node)
+        cur = other
+    if not nodes or not a > 0 or cur.dtype not in (None, ir.DataType.FLOAT):
+        return None
+    return cur, a, b, nodes
+
+
 def build_qdq(
     float_model: ir.Model,
     layers: list[Layer],
     ranges: dict[str, tuple[float, float]],
     scheme: Scheme,
+    glue: Sequence = (),
 ) -> tuple[ir.Model, list[QuantLayer]]:
     """A new model with ``layers`` in QDQ form (``float_model`` is not modified).
 
     ``ranges``: {tensor: (lo, hi)} for every layer's input and quantized output range tensor.
+    ``glue``: :class:`onnxopt.quantization.glue.GlueNode` s whose activation inputs and output
+    get Q/DQ too (ranges in ``ranges``; a Resize output reuses its input's parameters).
     """
     model = clone_model(float_model)
     raise_ir_version(model)  # IR 3 (opset <= 8 exports) would demand every new initializer as an input
@@ -133,18 +186,52 @@ def build_qdq(
     new_nodes: list[ir.Node] = []
     dq_of: dict[str, tuple[ir.Value, float, int]] = {}  # activation -> (DQ output, scale, zp)
     made: dict[str, tuple[ir.Value, float, int]] = {}  # DQ output name -> the same
+    residual: dict[str, float] = {}  # activation -> b - s*round(b/s) of a folded scalar affine
 
-    def qdq(tensor: ir.Value, range_name: str) -> tuple[ir.Value, float, int]:
+    # Scalar affines the quantizer can absorb: only quantized Convs read the result.
+    act_readers: dict[str, set[str]] = {}
+    for layer in layers:
+        act_readers.setdefault(layer.act_input, set()).add(layer.op_type)
+    foldable: dict[str, tuple[ir.Value, float, float]] = {}
+    if FOLD_SCALAR_AFFINE and not scheme.symmetric_activations:
+        conv_inputs = {l.name: l.act_input for l in layers if l.op_type == "Conv"}
+        for name, ops in act_readers.items():
+            value = values.get(name)
+            if ops != {"Conv"} or value is None or value.is_graph_output():
+                continue
+            users = list(value.uses())
+            if not users or any(conv_inputs.get(u.name) != name or idx != 0 for u, idx in users):
+                continue
+            found = _scalar_affine(value)
+            if found is not None:
+                foldable[name] = found[:3]
+
+    def qdq(tensor: ir.Value, range_name: str | None, params=None) -> tuple[ir.Value, float, int]:
         if tensor.name in dq_of:
             return dq_of[tensor.name]
         if tensor.name in made:  # already the DQ of a quantized Conv output (absorbed Relu)
             return made[tensor.name]
-        lo, hi = ranges[range_name]
-        scale, zp = activation_qparams(lo, hi, scheme)
+        if params is not None:
+            scale, zp = np.float32(params[0]), int(params[1])
+        else:
+            lo, hi = ranges[range_name]
+            scale, zp = activation_qparams(lo, hi, scheme)
         base = tensor.name
         s = _initializer(graph, _unique(f"{base}_scale", taken), np.array(scale, dtype=np.float32))
         z = _initializer(graph, _unique(f"{base}_zero_point", taken), np.array(zp, dtype=scheme.act_numpy))
-        q = ir.node("QuantizeLinear", [tensor, s, z], name=_unique(f"{base}_QuantizeLinear", taken))
+        q_in, q_s, q_z = tensor, s, z
+        if tensor.name in foldable:
+            x, a, b = foldable[tensor.name]
+            shift = int(round(b / float(scale)))
+            if 0 <= zp + shift <= 255:
+                # q = round(x / (s/a)) + z + shift  ~  round((a x + b) / s) + z
+                q_in = x
+                q_s = _initializer(graph, _unique(f"{base}_folded_scale", taken),
+                                   np.array(np.float32(scale) / np.float32(a), dtype=np.float32))
+                q_z = _initializer(graph, _unique(f"{base}_folded_zero_point", taken),
+                                   np.array(zp + shift, dtype=scheme.act_numpy))
+                residual[tensor.name] = b - float(scale) * shift
+        q = ir.node("QuantizeLinear", [q_in, q_s, q_z], name=_unique(f"{base}_QuantizeLinear", taken))
         q.outputs[0].name = _unique(f"{base}_quantized", taken)
         dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=_unique(f"{base}_DequantizeLinear", taken))
         dq.outputs[0].name = _unique(f"{base}_dequantized", taken)
@@ -202,14 +289,49 @@ def build_qdq(
                 for user, idx in list(out.uses()):
                     if user is not q_node:
                         user.replace_input_with(idx, y_dq)
+        bias_name = layer.bias
+        if residual.get(layer.act_input):
+            bias_name = _add_residual_to_bias(graph, node, layer, residual[layer.act_input], wq, w_scale, axis, taken)
         qlayers.append(QuantLayer(layer.name, layer.op_type, node, layer.weight, axis, w_scale, x_scale, x_zp,
-                                  w_tensor, wq, layer.bias))
+                                  w_tensor, wq, bias_name))
+    for g in glue:
+        node = nodes.get(g.name)
+        if node is None:
+            continue
+        in_params = None
+        for idx, tname in g.inputs:
+            v_dq, v_scale, v_zp = qdq(node.inputs[idx], tname)
+            node.replace_input_with(idx, v_dq)
+            in_params = (v_scale, v_zp)
+        out = node.outputs[0]
+        y_dq, _, _ = qdq(out, g.output, params=in_params if g.op_type == "Resize" else None)
+        q_node = y_dq.producer().inputs[0].producer()
+        for user, idx in list(out.uses()):
+            if user is not q_node:
+                user.replace_input_with(idx, y_dq)
     for n in new_nodes:
         graph.append(n)
     common.TopologicalSortPass()(model)
     common.RemoveUnusedNodesPass()(model)
     release_mappings(float_model)  # the float weights' file pages: read once, not needed now
     return model, qlayers
+
+
+def _add_residual_to_bias(graph: ir.Graph, node: ir.Node, layer: Layer, e: float, wq: ir.Value,
+                          w_scale: np.ndarray, axis: int | None, taken: set[str]) -> str:
+    """The Conv's DQ input reads ``y - e`` (a folded affine's rounding): ``bias += e * sum W[o]``
+    with the int8 weights the model computes with, in a new initializer (the float model's
+    bias tensor is shared with the clone and must not change)."""
+    w = dequantize_weight(wq.const_value.numpy(), w_scale, axis).astype(np.float64)
+    add = e * w.reshape(w.shape[0], -1).sum(axis=1)
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    old = bias.const_value.numpy().astype(np.float64) if bias is not None and bias.const_value is not None else 0.0
+    name = _unique(f"{layer.name}_folded_bias", taken)
+    value = _initializer(graph, name, (old + add).astype(np.float32))
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, value)
+    return name
 
 
 def quantize_biases(model: ir.Model, qlayers: list[QuantLayer]) -> int:

@@ -1,0 +1,83 @@
+"""QDQ around the elementwise "glue" of a CNN (Add, Mul, Concat, Resize between activations).
+
+With only the convolutions quantized, ONNX Runtime runs everything between two QLinearConvs
+in float: each such op reads dequantized tensors and writes float ones. In a detector neck
+(FPN: SE-block ``x * HardSigmoid(.)`` and ``x + .``, nearest upsampling, the top-down Adds,
+the final Concat) that is a large part of the int8 model's time. Giving every float
+activation input and the output of these ops a Q/DQ pair lets ORT fuse them:
+
+* ``Add`` / ``Mul`` of two activations -> ``QLinearAdd`` / ``QLinearMul``;
+* ``Concat`` -> ``QLinearConcat``;
+* ``Resize`` -> a uint8 Resize (ORT drops the DQ/Q pair when both sides share scale and zero
+  point, so the output reuses the input's quantization parameters).
+
+Only for models whose quantized layers are all Conv (CNNs): transformer residual Adds and
+attention products stay float (their outliers are what SmoothQuant and the mask rules are
+about). Ops with a constant operand are left alone (a scalar affine is folded by
+:mod:`.qdq`), as are ops writing a graph output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+GLUE_OPS = ("Add", "Mul", "Concat", "Resize")
+_FLOAT = (ir.DataType.FLOAT, None)
+
+
+@dataclasses.dataclass
+class GlueNode:
+    name: str
+    op_type: str
+    inputs: list[tuple[int, str]]  # (input index, tensor name) of the activation inputs
+    output: str
+
+
+def _is_const(value: ir.Value | None) -> bool:
+    return value is not None and (value.is_initializer() or value.const_value is not None
+                                  or (value.producer() is not None and value.producer().op_type == "Constant"))
+
+
+def find_glue(model: ir.Model, layers: Sequence) -> list[GlueNode]:
+    """The Add/Mul/Concat/Resize nodes to quantize, or none when ``layers`` holds anything but Conv."""
+    if not layers or any(l.op_type != "Conv" for l in layers):
+        return []
+    out: list[GlueNode] = []
+    for node in model.graph:
+        if node.op_type not in GLUE_OPS or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        y = node.outputs[0]
+        if y.is_graph_output() or y.dtype not in _FLOAT or not list(y.uses()):
+            continue
+        if node.op_type == "Resize":
+            data = node.inputs[0]
+            if data is None or _is_const(data) or data.dtype not in _FLOAT:
+                continue
+            out.append(GlueNode(node.name, node.op_type, [(0, data.name)], y.name))
+            continue
+        if node.op_type in ("Add", "Mul") and len(node.inputs) != 2:
+            continue
+        ins = list(enumerate(node.inputs))
+        if any(v is None or _is_const(v) or v.dtype not in _FLOAT for _, v in ins):
+            continue
+        out.append(GlueNode(node.name, node.op_type, [(i, v.name) for i, v in ins], y.name))
+    return out
+
+
+def glue_tensors(glue: Sequence[GlueNode]) -> set[str]:
+    """Every tensor whose range the glue needs (Resize outputs reuse their input's)."""
+    names: set[str] = set()
+    for g in glue:
+        names.update(t for _, t in g.inputs)
+        if g.op_type != "Resize":
+            names.add(g.output)
+    return names
+
+
+def usable_glue(glue: Sequence[GlueNode], ranges: dict) -> list[GlueNode]:
+    """The glue nodes whose every tensor has a range in ``ranges`` (a calibrated, usable one)."""
+    return [g for g in glue if all(t in ranges for t in glue_tensors([g]))]
+

@@ -1,0 +1,252 @@
+"""The CNN defaults of ``quantize`` (quantization/cnn.py, glue.py, the affine fold in qdq.py)
+and the text-bearing evaluation set they are judged on (real_models.text_images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.testing import real_models as rm
+
+
+def _ort(model, feed):
+    ort = pytest.importorskip("onnxruntime")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+# ----------------------------------------------------------------------------------------
+# the text evaluation set
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_sets():
+    try:
+        return {split: rm.images(f"{split}-text") for split in ("calib", "eval")}
+    except rm.RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def test_text_sets_are_disjoint_deterministic_and_built_from_their_split(text_sets):
+    base = {split: {name.split("+")[0] for name, _ in items} for split, items in text_sets.items()}
+    assert base["eval"] == set(rm.EVAL_IMAGES) and base["calib"] == set(rm.CALIB_IMAGES)
+    assert not base["eval"] & base["calib"]
+    assert len(text_sets["eval"]) == 10
+    again = rm.text_images("eval", 3)
+    for (n1, a), (n2, b) in zip(again, text_sets["eval"][:3]):
+        assert n1 == n2 and np.array_equal(a, b)
+    # a rendered photo differs from the plain photo at the same size: text was drawn
+    from PIL import Image
+
+    plain = dict(rm.images("eval", 1))["brick.png"]
+    name, img = text_sets["eval"][0]
+    assert name == "brick.png+text" and img.shape == (640, 640, 3)
+    resized = np.asarray(Image.fromarray(plain).resize((640, 640), Image.BILINEAR))
+    assert np.mean(np.any(img != resized, axis=2)) > 0.02
+    assert "page.png" in dict(text_sets["eval"]) and "text.png" in dict(text_sets["calib"])  # real scans kept
+
+
+def test_text_set_gives_real_text_masks_on_every_image(text_sets):
+    try:
+        path = rm.ppocr_model("det")
+    except rm.RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+    model = onnx.load(str(path))
+    for name, img in text_sets["eval"]:
+        prob = _ort(model, {"x": rm.det_preprocess(img)})[0]
+        # measured 20k-54k text pixels per image (the plain eval photos: 0 on five of ten)
+        assert int((prob > 0.3).sum()) > 5000, name
+
+
+# ----------------------------------------------------------------------------------------
+# float rewrites
+# ----------------------------------------------------------------------------------------
+
+
+def _convt_model(pads=(0, 0, 0, 0), act="Relu"):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((6, 5, 2, 2)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b")
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["c"], strides=[2, 2], pads=list(pads), name="ct")]
+    out = "c"
+    if act:
+        nodes.append(helper.make_node(act, ["c"], ["y"], name="act"))
+        out = "y"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 7, 9])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], [w, b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("act", ["Relu", "Sigmoid", None])
+def test_convtranspose_to_conv_is_exact(act):
+    from onnxopt.quantization.cnn import convtranspose_to_conv
+
+    proto = _convt_model(act=act)
+    x = {"x": np.random.default_rng(1).standard_normal((1, 6, 7, 9)).astype(np.float32)}
+    ref = _ort(proto, x)[0]
+    model = ir.from_proto(proto)
+    assert convtranspose_to_conv(model).startswith("1 ")
+    ops = [n.op_type for n in model.graph]
+    assert "ConvTranspose" not in ops and ops[0] == "Conv" and ops[-1] == "DepthToSpace"
+    assert [v.name for v in model.graph.outputs] == ["y" if act else "c"]
+    np.testing.assert_allclose(_ort(model, x)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_convtranspose_pair_fused_exactly():
+    from onnxopt.quantization.cnn import fuse_convtranspose_pair
+
+    rng = np.random.default_rng(4)
+    f = np.float32
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 5, 2, 2)).astype(f), "w1"),
+             numpy_helper.from_array(rng.standard_normal(5).astype(f), "b1"),
+             numpy_helper.from_array(rng.standard_normal((5, 2, 2, 2)).astype(f), "w2"),
+             numpy_helper.from_array(rng.standard_normal(2).astype(f), "b2")]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w1", "b1"], ["c1"], strides=[2, 2], name="ct1"),
+             helper.make_node("Relu", ["c1"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "w2", "b2"], ["c2"], strides=[2, 2], name="ct2"),
+             helper.make_node("Sigmoid", ["c2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 5, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = {"x": rng.standard_normal((1, 6, 5, 7)).astype(np.float32)}
+    ref = _ort(proto, x)[0]
+    model = ir.from_proto(proto)
+    assert fuse_convtranspose_pair(model).startswith("1 ")
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu", "Conv", "Sigmoid", "DepthToSpace"]
+    out = _ort(model, x)[0]
+    assert out.shape == ref.shape == (1, 2, 20, 28)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_convtranspose_with_padding_is_left_alone():
+    from onnxopt.quantization.cnn import convtranspose_to_conv
+
+    model = ir.from_proto(_convt_model(pads=(1, 1, 1, 1)))
+    assert convtranspose_to_conv(model).startswith("0 ")
+
+
+def test_clamp_to_hardswish_readers():
+    from onnxopt.quantization.cnn import clamp_to_consumers
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("HardSwish", ["c"], ["y"], name="hs")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]))
+    assert clamp_to_consumers(model, "c", -75.0, 74.0) == (-3.0, 74.0)
+    assert clamp_to_consumers(model, "c", -1.0, 5.0) == (-1.0, 5.0)
+    assert clamp_to_consumers(model, "y", -0.3, 5.0) == (-0.3, 5.0)  # a graph output: no clamp
+
+
+def _lab_model():
+    """conv1 -> decomposed hard-swish -> Mul(a) -> Add(b) -> padded 3x3 conv2 -> conv3 (12x12 input)."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 4, 1, 1)) * 0.5).astype(f), "w1"),
+             numpy_helper.from_array((rng.standard_normal((8, 1, 3, 3)) * 0.5).astype(f), "w2"),
+             numpy_helper.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.5).astype(f), "w3"),
+             numpy_helper.from_array(np.array([3.0], f), "three"), numpy_helper.from_array(np.array(0.0, f), "zero"),
+             numpy_helper.from_array(np.array(6.0, f), "six"), numpy_helper.from_array(np.array([0.7], f), "a"),
+             numpy_helper.from_array(np.array([0.4], f), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Add", ["c1", "three"], ["p3"]),
+             helper.make_node("Clip", ["p3", "zero", "six"], ["cl"]),
+             helper.make_node("Mul", ["c1", "cl"], ["m"]),
+             helper.make_node("Div", ["m", "six"], ["hs"]),
+             helper.make_node("Mul", ["hs", "a"], ["la"]),
+             helper.make_node("Add", ["la", "b"], ["lab"]),
+             helper.make_node("Conv", ["lab", "w2"], ["c2"], pads=[1, 1, 1, 1], group=8, name="conv2"),
+             helper.make_node("Conv", ["c2", "w3"], ["y"], name="conv3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 12, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    return model
+
+
+def test_cnn_defaults_on_a_hardswish_block():
+    """Opset 12 -> 14 so the hard-swish is fused, the learnable affine (Mul, Add) goes into
+    the activation quantizer (no float Mul/Add left), and the int8 model stays close."""
+    from onnxopt.quantization import quantize
+
+    proto = _lab_model()
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((1, 4, 12, 12)).astype(np.float32)} for _ in range(8)]
+    res = quantize(ir.from_proto(proto), feeds, progress=False, sensitivity=False)
+    ops = [n.op_type for n in res.model.graph]
+    assert "HardSwish" in ops and "Mul" not in ops and "Add" not in ops and "Clip" not in ops
+    assert res.report["cnn"]["hardswish_opset"]["opset_to"] == 14
+    assert res.report["ort_fused_kernels"].get("QLinearConv") == 2  # conv3 writes the graph output
+    for feed in feeds[:3]:
+        ref = _ort(proto, feed)[0]
+        out = _ort(res.model, feed)[0]
+        assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+# ----------------------------------------------------------------------------------------
+# the real detector
+# ----------------------------------------------------------------------------------------
+
+
+def test_det_int8_defaults_meet_the_text_targets(text_sets):
+    """PP-OCRv4 det, defaults, 10 calibration photos: pooled IoU >= 0.95 and min >= 0.85 on
+    the text set (measured 0.967 / 0.925), with the neck and head fused by ORT."""
+    from onnxopt.quantization import quantize
+
+    try:
+        path = rm.ppocr_model("det")
+        calib = [{"x": rm.det_preprocess(img)} for _, img in rm.images("calib")]
+    except rm.RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+    res = quantize(path, calib, progress=False)
+    kernels = res.report["ort_fused_kernels"]
+    assert kernels.get("QLinearConv", 0) >= 63 and kernels.get("QLinearAdd", 0) >= 10
+    assert kernels.get("QLinearConcat") == 1 and kernels.get("QLinearMul", 0) >= 10
+    ops = {n.op_type for n in res.model.graph}
+    assert "HardSwish" in ops and "ConvTranspose" not in ops  # the head: two QLinearConvs
+    assert res.report["cnn"]["convtranspose_pairs_fused"] == 1
+    fp32 = onnx.load(str(path))
+    feeds = [{"x": rm.det_preprocess(img)} for _, img in text_sets["eval"]]
+    ref = [_ort(fp32, f)[0] for f in feeds]
+    out = [_ort(res.model, f)[0] for f in feeds]
+    iou = rm.det_mask_iou(ref, out)
+    assert iou["n_text_images"] == 10
+    assert iou["mean_iou"] >= 0.95 and iou["min_iou"] >= 0.85, iou
+
+
+def test_glue_between_convs_is_fused_by_ort():
+    """conv1 and conv2 outputs added, upsampled and concatenated before conv3: the Add,
+    Resize and Concat get Q/DQ, ORT runs QLinearAdd / QLinearConcat."""
+    from onnxopt.quantization import quantize
+
+    rng = np.random.default_rng(5)
+    f = np.float32
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 4, 1, 1)) * 0.5).astype(f), "w1"),
+             numpy_helper.from_array((rng.standard_normal((8, 4, 1, 1)) * 0.5).astype(f), "w2"),
+             numpy_helper.from_array((rng.standard_normal((4, 16, 1, 1)) * 0.5).astype(f), "w3"),
+             numpy_helper.from_array(np.array([1, 1, 1, 1], f), "scales")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Add", ["c1", "c2"], ["s"], name="add"),
+             helper.make_node("Resize", ["s", "", "scales"], ["u"], mode="nearest", name="resize"),
+             helper.make_node("Concat", ["u", "c2"], ["cat"], axis=1, name="concat"),
+             helper.make_node("Conv", ["cat", "w3"], ["y"], name="conv3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feeds = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(6)]
+    res = quantize(ir.from_proto(proto), feeds, progress=False, sensitivity=False)
+    assert res.report["glue"] == {"Add": 1, "Resize": 1, "Concat": 1}
+    kernels = res.report["ort_fused_kernels"]
+    assert kernels.get("QLinearAdd") == 1 and kernels.get("QLinearConcat") == 1
+    ref = _ort(proto, feeds[0])[0]
+    assert np.abs(_ort(res.model, feeds[0])[0] - ref).max() < 0.05 * np.abs(ref).max()
