@@ -58,6 +58,13 @@ def test_fuzz_without_the_safety_net(tmp_path):
     assert sum(r["outcome"] == "valid" for r in results if r["command"] == "optimize") >= 10
 
 
+def test_fuzz_quantize(tmp_path):
+    """quantize (random calibration) on mutants: a valid, loadable model or one clean error line."""
+    results = _run_fuzzer(tmp_path, 60, SEED + 2, "--quantize")
+    quantized = [r["outcome"] for r in results if r["command"] == "quantize"]
+    assert quantized.count("valid") >= 5 and quantized.count("error") >= 5
+
+
 def test_fuzz_optimize_and_inspect(tmp_path):
     results = _run_fuzzer(tmp_path, CASES, SEED)
     assert len(results) == 2 * CASES
