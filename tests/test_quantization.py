@@ -610,3 +610,29 @@ def test_choose_alphas_smooths_outlier_channels_and_leaves_flat_inputs():
     # Nothing to migrate: whatever it picks gains little, and it never reports a loss.
     assert got_flat["error_best"] <= got_flat["error_unsmoothed"]
     assert got_flat["error_unsmoothed"] - got_flat["error_best"] < 0.25 * got_flat["error_unsmoothed"]
+
+
+def test_layer_with_nan_weight_stays_float(tmp_path):
+    rng = np.random.default_rng(0)
+    w_bad = rng.standard_normal((8, 4)).astype(np.float32)
+    w_bad[2, 1] = np.nan
+    nodes = [helper.make_node("MatMul", ["x", "w_ok"], ["h"], name="good"),
+             helper.make_node("MatMul", ["x", "w_bad"], ["y2"], name="bad")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 4]),
+                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w_ok"),
+                               numpy_helper.from_array(w_bad, "w_bad")])
+    path = tmp_path / "nan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    feeds = [{"x": rng.standard_normal((2, 8)).astype(np.float32)} for _ in range(4)]
+    res = quantize(path, feeds, progress=False)
+    assert res.report["layers"]["bad"] == {"quantized": False, "reason": "weight holds NaN/Inf"}
+    assert res.report["layers"]["good"]["quantized"]
+    ref, out = run_model(ir.load(str(path)), feeds[0]), run_model(res.model, feeds[0])
+    np.testing.assert_array_equal(np.isnan(out["y2"]), np.isnan(ref["y2"]))  # the NaN stays where it was
+    only_bad = tmp_path / "only_bad.onnx"
+    graph2 = helper.make_graph([nodes[1]], "g", graph.input[:], [graph.output[1]], [graph.initializer[1]])
+    onnx.save(helper.make_model(graph2, opset_imports=[helper.make_opsetid("", 17)]), only_bad)
+    with pytest.raises(OnnxoptError, match="bad: weight holds NaN/Inf"):
+        quantize(only_bad, feeds, progress=False)

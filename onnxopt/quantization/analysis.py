@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
@@ -86,6 +88,10 @@ def find_layers(model: ir.Model, *, absorb_activations: bool = True) -> tuple[li
             continue
         if x.is_initializer() or x.const_value is not None:
             skipped[node.name] = "both operands constant"
+            continue
+        if not np.all(np.isfinite(wt.numpy())):
+            # int8 has no NaN/Inf: quantizing would silently change what the layer computes
+            skipped[node.name] = "weight holds NaN/Inf"
             continue
         if node.op_type == "MatMul":
             if len(wt.shape) != 2:

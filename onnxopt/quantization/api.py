@@ -257,8 +257,10 @@ def quantize(
     layers = kept
     rep["kept_float_tensors"] = masks
     if not layers:
+        near = [f"{k}: {v}" for k, v in skipped.items() if v != "no constant weight"][:3]
         raise OnnxoptError("nothing to quantize: the model has no Conv, MatMul or Gemm with a constant weight"
-                           + (" left after --exclude" if exclude else ""))
+                           + (" left after --exclude" if exclude else "")
+                           + (f" (skipped {'; '.join(near)})" if near else ""))
 
     t_cal = time.perf_counter()
     sq_entries: list[dict] = []

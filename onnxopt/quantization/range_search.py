@@ -80,6 +80,8 @@ def search_matmul_ranges(
     out: dict[str, RangeChoice] = {}
     for tensor, users in consumers.items():
         x = np.ascontiguousarray(rows[tensor], dtype=np.float32)
+        if not np.all(np.isfinite(x)):
+            continue
         mats = []
         for layer in users:
             w = np.asarray(model.graph.initializers[layer.weight].const_value.numpy(), dtype=np.float32)
@@ -90,8 +92,13 @@ def search_matmul_ranges(
                 q, s = quantize_weight(w, None)
                 wq = dequantize_weight(q, s, None)
             w, wq = _weight_matrix(w, layer), _weight_matrix(wq, layer)
+            if not np.all(np.isfinite(w)):
+                break
             ref = x @ w
             mats.append((wq, ref, max(float(np.vdot(ref, ref)), 1e-30)))
+
+        if len(mats) != len(users):
+            continue  # a non-finite weight: keep the calibrated range
 
         def error(lo: float, hi: float) -> float:
             xq = fake_quant(x, lo, hi, scheme)

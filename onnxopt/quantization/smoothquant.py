@@ -90,6 +90,8 @@ def choose_alphas(
         weights = [model.graph.initializers[l.weight].const_value.numpy().astype(np.float32) for l in group]
         if any(w.ndim != 2 or w.shape[0] != x.shape[1] for w in weights):
             continue
+        if not all(np.all(np.isfinite(w)) for w in weights):
+            continue  # NaN/Inf weights: no scale can be derived from them; the group stays unsmoothed
         refs = [x @ w for w in weights]
         norms = [max(float(np.vdot(r, r)), 1e-30) for r in refs]
         xmax = np.abs(x).max(axis=0).astype(np.float64)
