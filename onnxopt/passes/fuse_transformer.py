@@ -395,4 +395,3 @@ def is_gelu_product(node: ir.Node) -> bool:
         return False
     finder = FuseGeluPass()
     return any(finder._match(factors) is not None for factors, _ in finder._factorings(node))
-

@@ -170,8 +170,9 @@ def quantize(
     largest allowed ``1 - cosine`` between fp32 and int8 outputs (each output pooled over the
     held-out calibration samples); the layers that hurt most go back to float until it holds. ``report``: a JSON
     path for the report (also returned as ``QuantizeResult.report``). ``smoothquant``: "auto"
-    (the MatMul inputs LayerNorms produce: transformer Q/K/V and FFN-up), True/"on" (every
-    MatMul input), False/"off". ``sensitivity``: compute per-layer SQNR (default: when ``report`` or
+    (smooth a MatMul input where that lowers its layers' output error by 25% and 1e-3,
+    measured on calibration rows), True/"on" (wherever it lowers it at all), False/"off";
+    ``smoothquant_alpha``: fix the migration strength instead of searching it per group. ``sensitivity``: compute per-layer SQNR (default: when ``report`` or
     ``max_drop`` is given). ``holdout``: how many of the last calibration samples are kept
     out of calibration to measure the drop (default: a fifth, at most 16).
     ``float_transforms`` / ``weight_transforms``: hooks, see :class:`QuantContext` and
@@ -464,6 +465,11 @@ RANGE_SEARCH_FEEDS = 8
 SEARCH_ROW_BYTES = 256 * 1024 * 1024  # sampled activation rows kept for the searches, in all
 
 
+def _first_feeds(calib_data) -> list[dict]:
+    """The first RANGE_SEARCH_FEEDS calibration samples (what the searches measure on)."""
+    return [f for _, f in zip(range(RANGE_SEARCH_FEEDS), calib_data)]
+
+
 def _smoothing_plan(model, layers, scheme, calib_data, mode, alpha, progress):
     """Which MatMul groups to smooth and with which alpha: ({x: layers}, {x: alpha}, report).
 
@@ -479,13 +485,14 @@ def _smoothing_plan(model, layers, scheme, calib_data, mode, alpha, progress):
     groups = smoothing_groups(layers)
     if not groups:
         return {}, {}, {}
-    feeds = [f for _, f in zip(range(RANGE_SEARCH_FEEDS), calib_data)]
+    feeds = _first_feeds(calib_data)
     width = sum(model.graph.initializers[g[0].weight].const_value.shape[0] for g in groups.values())
     max_rows = max(64, min(2048, SEARCH_ROW_BYTES // max(1, 4 * width)))
     _say(progress, f"SmoothQuant: output error of {len(groups)} MatMul groups on {len(feeds)} samples")
     rows = sample_rows(model, feeds, list(groups), max_rows=max_rows)
     choice = sq.choose_alphas(model, groups, rows, scheme, alphas=sq.ALPHAS if alpha is None else (alpha,))
     del rows
+
     def worth_it(c: dict) -> bool:
         if c["alpha"] is None:
             return False
@@ -506,7 +513,7 @@ def _search_ranges(model, layers, ranges, scheme, calib_data, rep, progress) -> 
     tensors = sorted({l.act_input for l in layers if l.op_type in ("MatMul", "Gemm")})
     if not tensors:
         return
-    feeds = [f for _, f in zip(range(RANGE_SEARCH_FEEDS), calib_data)]
+    feeds = _first_feeds(calib_data)
     _say(progress, f"range search for {len(tensors)} MatMul/Gemm inputs on {len(feeds)} samples")
     t = time.perf_counter()
     choices = search_matmul_ranges(model, layers, ranges, scheme, sample_rows(model, feeds, tensors))

@@ -198,9 +198,6 @@ def _ints(node: ir.Node, name: str, default):
     return list(attr.value) if attr is not None else default
 
 
-CONVT_MIN_OUT_CHANNELS = 0
-
-
 def convtranspose_to_conv(model: ir.Model, ctx=None) -> str:
     """``float_transforms`` hook: a ConvTranspose whose kernel equals its stride (k x k,
     stride k, no padding, dilation 1, group 1) is a 1x1 Conv to ``C_out * k * k`` channels
@@ -226,24 +223,12 @@ def convtranspose_to_conv(model: ir.Model, ctx=None) -> str:
     names = Names(model)
     done = 0
     for node in list(graph):
-        if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        found = _convt_k(node)
+        if found is None:
             continue
-        w_t = ir.convenience.get_const_tensor(node.inputs[1]) if node.inputs[1] is not None else None
-        b_in = node.inputs[2] if len(node.inputs) > 2 else None
-        b_t = ir.convenience.get_const_tensor(b_in) if b_in is not None else None
-        if w_t is None or len(w_t.shape) != 4 or (b_in is not None and b_t is None):
-            continue
-        c_in, c_out, kh, kw = (int(d) for d in w_t.shape)
-        if c_out < CONVT_MIN_OUT_CHANNELS or kh != kw or node.attributes.get_int("group", 1) != 1 \
-                or _ints(node, "strides", [1, 1]) != [kh, kw] \
-                or any(_ints(node, "pads", [0, 0, 0, 0])) or any(_ints(node, "output_padding", [0, 0])) \
-                or _ints(node, "dilations", [1, 1]) != [1, 1] or node.attributes.get("output_shape") is not None \
-                or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            continue
-        k = kh
-        w = np.asarray(w_t.numpy())
+        w, bias, k = found
+        c_in, c_out = (int(d) for d in w.shape[:2])
         wc = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(c_out * k * k, c_in, 1, 1))
-        bias = np.asarray(b_t.numpy()) if b_t is not None else np.zeros(c_out, w.dtype)
         bc = np.repeat(bias, k * k).astype(w.dtype)
         base = node.name or "convtranspose"
         w_name, b_name = names.new(f"{base}_as_conv_W"), names.new(f"{base}_as_conv_B")
@@ -259,19 +244,16 @@ def convtranspose_to_conv(model: ir.Model, ctx=None) -> str:
         conv.outputs[0].dtype = w_val.dtype
         graph.insert_before(node, conv)
         y = node.outputs[0]
-        users = list(y.uses())
         pre, last, old_act = conv.outputs[0], y, None
-        if len(users) == 1 and not y.is_graph_output():
-            act = users[0][0]
-            if act.op_type in _POINTWISE and act.domain in ("", "ai.onnx") and act.inputs[0] is y \
-                    and all(v is None or v.const_value is not None for v in act.inputs[1:]):
-                # act(D2S(z)) = D2S(act(z)): a copy of the activation runs on the conv output
-                new_act = ir.Node(act.domain, act.op_type, [conv.outputs[0], *act.inputs[1:]],
-                                  attributes=list(act.attributes.values()), name=names.new(f"{act.name}_before_d2s"))
-                new_act.outputs[0].name = names.new(f"{act.outputs[0].name}_before_d2s")
-                new_act.outputs[0].dtype = w_val.dtype
-                graph.insert_after(conv, new_act)
-                pre, last, old_act = new_act.outputs[0], act.outputs[0], act
+        act = _sole_pointwise(y)
+        if act is not None:
+            # act(D2S(z)) = D2S(act(z)): a copy of the activation runs on the conv output
+            new_act = ir.Node(act.domain, act.op_type, [conv.outputs[0], *act.inputs[1:]],
+                              attributes=list(act.attributes.values()), name=names.new(f"{act.name}_before_d2s"))
+            new_act.outputs[0].name = names.new(f"{act.outputs[0].name}_before_d2s")
+            new_act.outputs[0].dtype = w_val.dtype
+            graph.insert_after(conv, new_act)
+            pre, last, old_act = new_act.outputs[0], act.outputs[0], act
         d2s = ir.node("DepthToSpace", [pre], attributes={"blocksize": k, "mode": "CRD"},
                       name=names.new(f"{base}_depth_to_space"))
         d2s.outputs[0].name = names.new(f"{base}_d2s_out")

@@ -285,10 +285,7 @@ def build_qdq(
                 graph.remove(act, safe=True)
             else:
                 y_dq, _, _ = qdq(out, layer.out_range_tensor)
-                q_node = y_dq.producer().inputs[0].producer()
-                for user, idx in list(out.uses()):
-                    if user is not q_node:
-                        user.replace_input_with(idx, y_dq)
+                _read_through(out, y_dq)
         bias_name = layer.bias
         if residual.get(layer.act_input):
             bias_name = _add_residual_to_bias(graph, node, layer, residual[layer.act_input], wq, w_scale, axis, taken)
@@ -305,16 +302,21 @@ def build_qdq(
             in_params = (v_scale, v_zp)
         out = node.outputs[0]
         y_dq, _, _ = qdq(out, g.output, params=in_params if g.op_type == "Resize" else None)
-        q_node = y_dq.producer().inputs[0].producer()
-        for user, idx in list(out.uses()):
-            if user is not q_node:
-                user.replace_input_with(idx, y_dq)
+        _read_through(out, y_dq)
     for n in new_nodes:
         graph.append(n)
     common.TopologicalSortPass()(model)
     common.RemoveUnusedNodesPass()(model)
     release_mappings(float_model)  # the float weights' file pages: read once, not needed now
     return model, qlayers
+
+
+def _read_through(out: ir.Value, y_dq: ir.Value) -> None:
+    """Every reader of ``out`` but its own QuantizeLinear reads the DequantizeLinear ``y_dq``."""
+    q_node = y_dq.producer().inputs[0].producer()
+    for user, idx in list(out.uses()):
+        if user is not q_node:
+            user.replace_input_with(idx, y_dq)
 
 
 def _add_residual_to_bias(graph: ir.Graph, node: ir.Node, layer: Layer, e: float, wq: ir.Value,

@@ -175,8 +175,9 @@ def apply_smoothquant(
                     _set_const(beta, beta.const_value.numpy() / s)
                 how = "folded into LayerNormalization"
         elif only_group and producer is not None and producer.op_type == "Mul" and not is_gelu_product(producer):
-            # (not a GELU's final "* 0.5": a per-channel constant there hides the GELU from
-            # ONNX Runtime's GeluFusion, and the decomposed GELU costs more than one Mul)
+            # (not a GELU's final "* 0.5": ORT's Gelu fusion then leaves one Mul either way, so
+            # folding saves nothing in ORT and would make the GELU unrecognisable to
+            # is_gelu_product / fuse-gelu; the explicit Mul keeps it a plain GELU)
             for i, operand in enumerate(producer.inputs):
                 c = operand.const_value if operand is not None else None
                 if c is not None and operand.is_initializer() and len(list(operand.uses())) == 1 \
