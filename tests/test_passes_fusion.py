@@ -599,3 +599,72 @@ def test_real_minilm_opset14_gets_layernorm_and_gelu_with_target_opset():
     assert hist.get("LayerNormalization") == 13 and hist.get("Gelu") == 6
     assert "ReduceMean" not in hist and "Erf" not in hist
     assert_same(original, result.model, feeds, rtol=1e-4, atol=1e-5)
+
+
+# -- sink-nan-guard ---------------------------------------------------------------------
+
+
+def _attention(guard_value=0.0, axis=-1, extra_reader=False):
+    """Softmax(S + Where(mask, 0, -inf)) -> Where(IsNaN(P), guard, P) -> MatMul(., V), as torch exports SDPA."""
+    nodes = [
+        helper.make_node("Where", ["mask", "zero", "ninf"], ["m"]),
+        helper.make_node("Add", ["s", "m"], ["sm"]),
+        helper.make_node("Softmax", ["sm"], ["p"], axis=axis),
+        helper.make_node("IsNaN", ["p"], ["nan"]),
+        helper.make_node("Where", ["nan", "guard", "p"], ["g"]),
+        helper.make_node("MatMul", ["g", "v"], ["y"]),
+    ]
+    outputs = [("y", F, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Neg", ["g"], ["z"]))
+        outputs.append(("z", F, None))
+    inits = {"zero": np.zeros(1, np.float32), "ninf": np.full(1, -np.inf, np.float32),
+             "guard": np.full(1, guard_value, np.float32)}
+    inputs = [("s", F, ["B", 2, "S", "S"]), ("mask", TensorProto.BOOL, ["B", 1, "S", "S"]), ("v", F, ["B", 2, "S", 4])]
+    return model(nodes, inputs, outputs, inits, opset=17)
+
+
+def _attention_feeds():
+    mask = RNG.random((2, 1, 6, 6)) > 0.3
+    mask[0, :, 2, :] = False  # a fully masked query row: the softmax row is NaN
+    mask[1] = False  # a fully masked sample
+    return {"s": rand(2, 2, 6, 6) * 3, "mask": mask, "v": rand(2, 2, 6, 4)}
+
+
+def test_nan_guard_moves_past_the_attention_matmul():
+    m = _attention()
+    out = run_passes(m, "sink-nan-guard")
+    assert ops(out)[-3:] == ["MatMul", "IsNaN", "Where"]
+    assert ops(out).count("IsNaN") == 1 and [o.name for o in out.graph.outputs] == ["y"]
+    feeds = _attention_feeds()
+    ref = run_model(m, feeds)["y"]
+    assert np.isnan(ref).sum() == 0 and np.all(ref[1] == 0)  # the guard's job, kept
+    assert_same(m, out, feeds, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [{"guard_value": 1.0}, {"axis": 2}, {"extra_reader": True}])
+def test_nan_guard_left_alone(kw):
+    # A non-zero fill is not 0 @ V; a softmax over another axis makes NaN columns, not rows;
+    # another reader of the guarded tensor still needs it.
+    m = _attention(**kw)
+    out = run_passes(m, "sink-nan-guard")
+    assert ops(out) == ops(m)
+
+
+def test_real_minilm_nan_guards_sink_and_outputs_stay_bitwise_equal():
+    from onnxopt.model_io import load_model
+    from onnxopt.testing import real_models as rm
+
+    try:
+        original = load_model(rm.minilm_model())
+    except rm.RealModelUnavailable as e:
+        pytest.skip(str(e))
+    out = ir.serde.deserialize_model(ir.serde.serialize_model(original))
+    sink = get_pass("sink-nan-guard").factory()
+    sink(out)
+    assert sink.rewrites == 6  # one per layer
+    feeds = rm.encode_sentences(rm.sentences("eval", 3), seq_len=24)
+    feeds["attention_mask"][2] = 0  # a fully masked sentence: every row NaN before the guard
+    ref, new = run_model(original, feeds), run_model(out, feeds)
+    for k in ref:
+        np.testing.assert_array_equal(new[k], ref[k])
