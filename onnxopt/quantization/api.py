@@ -34,7 +34,7 @@ from onnxopt.model_io import check_output_path, load_model, save_model
 from onnxopt.quantization import analysis, cnn, glue
 from onnxopt.quantization.context import QuantContext
 from onnxopt.quantization.opset import ensure_opset
-from onnxopt.quantization.qdq import build_qdq, quantize_biases
+from onnxopt.quantization.qdq import build_qdq, quantize_biases, shield_matmul_biases
 from onnxopt.quantization.scheme import scheme_for
 from onnxopt.quantization.sensitivity import layer_sqnr, run_all
 from onnxopt.quantization.smoothquant import apply_smoothquant, smoothing_groups
@@ -368,6 +368,7 @@ def quantize(
             ctx_.layers = qlayers
             _run_hooks(weight_transforms, qmodel, ctx_, "weight_transforms")
         quantize_biases(qmodel, qlayers)
+        shield_matmul_biases(qmodel, qlayers)
         return qmodel, qlayers
 
     layer_rep = {l.name: {"op_type": l.op_type, "quantized": True} for l in layers}
