@@ -217,6 +217,22 @@ def test_per_tensor_and_exclude(small_cnn):
     assert _initializer_array(model, w_dqs[0].inputs[1]).shape == ()
 
 
+def test_report_does_not_change_the_model(small_cnn, tmp_path):
+    # --report used to hold the last fifth of the samples out of calibration (for the
+    # sensitivity numbers), so asking for a report changed the ranges and the output.
+    path, feeds = small_cnn
+    plain = quantize(path, feeds, progress=False).model
+    reported = quantize(path, feeds, report=tmp_path / "r.json", progress=False)
+    assert reported.report["calibration"]["samples"] == len(feeds)
+    assert any("sqnr_db" in v for v in reported.report["layers"].values())
+
+    def scales(m):
+        return {n.name: _initializer_array(m, n.inputs[1]).tolist() for n in _qdq_nodes(m, "QuantizeLinear")}
+
+    assert scales(reported.model) == scales(plain)
+    np.testing.assert_array_equal(run_model(reported.model, feeds[0])["y"], run_model(plain, feeds[0])["y"])
+
+
 def test_max_drop_fallback_moves_layers_to_float(small_cnn):
     path, feeds = small_cnn
     before = quantize(path, feeds * 3, sensitivity=True, holdout=4, progress=False).report["fallback"]["before"]

@@ -174,7 +174,8 @@ def quantize(
     measured on calibration rows), True/"on" (wherever it lowers it at all), False/"off";
     ``smoothquant_alpha``: fix the migration strength instead of searching it per group. ``sensitivity``: compute per-layer SQNR (default: when ``report`` or
     ``max_drop`` is given). ``holdout``: how many of the last calibration samples are kept
-    out of calibration to measure the drop (default: a fifth, at most 16).
+    out of calibration to measure the drop (default: with ``max_drop``, a fifth, at most 16;
+    otherwise none, so asking for a report never changes the model).
     ``float_transforms`` / ``weight_transforms``: hooks, see :class:`QuantContext` and
     docs/quantization.md. ``range_search``: choose MatMul input ranges by layer-output error
     (:mod:`.range_search`; off: measured worse on MiniLM). ``equalize``: cross-layer
@@ -223,8 +224,13 @@ def quantize(
         raise OnnxoptError("the calibration data holds no samples")
     want_sens = sensitivity if sensitivity is not None else (report is not None or max_drop is not None)
     h = 0
-    if want_sens:
-        h = holdout if holdout is not None else (min(16, max(1, n // 5)) if n >= 4 else 0)
+    if holdout is not None:
+        h = holdout
+    elif max_drop is not None and n >= 4:
+        # Only the fallback needs unseen samples to judge the drop; --report alone must not
+        # change the model, so without max_drop every sample calibrates (the per-layer SQNR
+        # is then measured on the first calibration samples).
+        h = min(16, max(1, n // 5))
     calib_data = _Slice(data, 0, n - h) if h else data
     held_feeds = [f for i, f in enumerate(data) if i >= n - h] if h else []
     if want_sens and not held_feeds:
