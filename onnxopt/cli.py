@@ -313,6 +313,9 @@ def demo(output_dir, synthetic, runs, threads) -> None:
 @click.option("--threads", type=int, help="Intra-op threads (default: the physical cores); inter-op is 1, execution sequential.")
 @click.option("--spin/--no-spin", default=True, show_default=True,
               help="Let idle ORT pool threads busy-wait between runs (ORT's default); --no-spin when sessions compete for few cores.")
+@click.option("--block", type=int, default=1, show_default=True, metavar="N",
+              help="Run each model N times back to back per round (1: strictly alternate). Larger blocks time warm, "
+                   "steady-state runs; alternating runs each start after another model's.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model after the first run.")
 @click.option("--runs", type=int, help="Timed runs per model (default 100).")
 @click.option("--duration", type=float, metavar="SECONDS", help="Time each model for about this long instead of --runs.")
@@ -332,7 +335,7 @@ def demo(output_dir, synthetic, runs, threads) -> None:
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON (schema: docs/bench.md).")
 @click.option("--csv", "csv_path", type=click.Path(), help="Write one CSV row per model and setting.")
 @click.option("--plot", "plot_path", type=click.Path(), metavar="PNG", help="Draw the latency distributions (needs matplotlib).")
-def bench(models, eps, threads, spin, warmup, runs, duration, shapes, inputs, batch_sizes, io_binding, include_copies, check_outputs,
+def bench(models, eps, threads, spin, block, warmup, runs, duration, shapes, inputs, batch_sizes, io_binding, include_copies, check_outputs,
           rtol, atol, trt_fp16, trt_int8, trt_engine_cache, ep_option, seed, json_path, csv_path, plot_path) -> None:
     """Time MODELS on an execution provider: warm-up, percentiles, throughput, speedups.
 
@@ -357,7 +360,7 @@ def bench(models, eps, threads, spin, warmup, runs, duration, shapes, inputs, ba
         duration=duration, shapes=parse_shape_specs(shapes), inputs=inputs, batch_sizes=parse_batch_sizes(batch_sizes),
         io_binding=io_binding, include_copies=include_copies, check_outputs=check_outputs, rtol=rtol, atol=atol,
         trt_fp16=trt_fp16, trt_int8=trt_int8, trt_engine_cache=trt_engine_cache, ep_options=parse_ep_options(ep_option), seed=seed,
-        spinning=spin,
+        spinning=spin, block=block,
     )
     with rich_progress(console) as progress:
         report = benchmark(list(models), progress=progress, **kwargs)

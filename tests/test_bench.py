@@ -495,3 +495,20 @@ def test_unwritable_json_folder(capsys, tmp_path, mlp, monkeypatch):
     monkeypatch.setattr(report_mod.os, "access", lambda path, mode, **kw: False if mode & os.W_OK else real_access(path, mode, **kw))
     _one_line_error(capsys, ["bench", mlp, "--json", str(tmp_path / "r.json")], contains="is not writable")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_block_runs_each_model_back_to_back_and_is_recorded(tmp_path, capsys, mlp, mlp_int8):
+    from onnxopt.bench.core import _timed_rounds
+
+    calls: list[str] = []
+    times = _timed_rounds([lambda: calls.append("A"), lambda: calls.append("B")], rounds=2, seconds=None,
+                          on_round=None, block=3)
+    assert "".join(calls) == "AAABBB" + "BBBAAA"  # blocks, and the order still rotates
+    assert [len(t) for t in times] == [6, 6]
+    report = benchmark([mlp, mlp_int8], runs=7, warmup=1, block=3)
+    assert report.settings["block"] == 3 and [r["runs"] for r in report.results] == [7, 7]
+    validate_report(report.to_dict())
+    js = tmp_path / "b.json"
+    assert main(["bench", mlp, mlp_int8, "--block", "4", "--runs", "4", "--warmup", "0", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["settings"]["block"] == 4
+    _one_line_error(capsys, ["bench", mlp, "--block", "0", "--runs", "2"], contains="--block must be at least 1")

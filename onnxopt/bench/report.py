@@ -131,7 +131,9 @@ class BenchReport:
             f"threads: intra-op {th['intra_op']} ({th['source']}), inter-op {th['inter_op']}, {th['execution_mode']}"
             f"{'' if th.get('spinning', True) else ', no spinning'}; "
             f"warm-up {self.settings['warmup']} runs; first run and session init not in the statistics"
-            + ("; interleaved rounds; speedup = median of paired per-round ratios, bootstrap 95% interval" if self.comparisons else "")
+            + ("; interleaved rounds" + (f" of {self.settings.get('block', 1)} back-to-back runs per model"
+                                         if self.settings.get("block", 1) > 1 else "")
+               + "; speedup = median of paired per-round ratios, bootstrap 95% interval" if self.comparisons else "")
         )
         out = [t]
         diffs = [c for c in self.comparisons if c.get("outputs")]
