@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.graph import all_nodes, opset_version
+from onnxopt.passes._fusion_util import const_array
 
 __all__ = [
     "fuse_convtranspose_pair",
@@ -42,12 +43,11 @@ __all__ = [
 
 
 def _scalar(value: ir.Value | None) -> float | None:
-    if value is None:
+    # const_array: this runs before the model is known to load, and a malformed Constant
+    # (no value attribute) must mean "not a constant" here, not a crash.
+    arr = const_array(value)
+    if arr is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
-        return None
-    arr = np.asarray(tensor.numpy())
     return float(arr.reshape(-1)[0]) if arr.size == 1 and arr.dtype.kind == "f" else None
 
 

@@ -249,6 +249,21 @@ def fails_at_runtime(folder) -> pathlib.Path:
     return _save(model, folder, "fails_at_runtime.onnx")
 
 
+def constant_without_value(folder) -> pathlib.Path:
+    """The bias comes from a Constant node that carries no value attribute, and feeds a Clip
+    (the shape quantize's hard-swish scan reads constants from before anything loads)."""
+    model = small_graph()
+    bias = next(i for i in model.graph.initializer if i.name == "b")
+    model.graph.initializer.remove(bias)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                                    numpy_helper.from_array(np.array(6, np.float32), "hi")])
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["b"]))
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    model.graph.node.remove(relu)
+    model.graph.node.append(helper.make_node("Clip", ["add", "lo", "hi"], ["y"], name="clip"))
+    return _save(model, folder, "constant_without_value.onnx")
+
+
 def external_wrong_length(folder) -> pathlib.Path:
     """W is [4, 3] float (48 bytes) but its external data claims 20 bytes of a 100-byte file."""
     (pathlib.Path(folder) / "w100.bin").write_bytes(b"\0" * 100)
@@ -290,4 +305,5 @@ BAD_MODELS = {
     "external_short": (external_short, ("past the end",)),
     "external_wrong_length": (external_wrong_length, ("does not match its shape",)),
     "fails_at_runtime": (fails_at_runtime, ("does not run",)),
+    "constant_without_value": (constant_without_value, ("constant",)),
 }
