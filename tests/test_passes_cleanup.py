@@ -163,6 +163,103 @@ def test_reshape_target_copies_dynamic_dim_of_its_own_input():
     _same_outputs(model, after, _feeds(model, x=(1, 200, 1, 1)), _feeds(model, x=(3, 200, 1, 1)))
 
 
+def _target_of(model: ir.Model) -> list[int] | None:
+    (reshape,) = [n for n in model.graph if n.op_type == "Reshape"]
+    t = reshape.inputs[1].const_value
+    return None if t is None else t.numpy().tolist()
+
+
+def _dims_of_x():
+    return [helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+            helper.make_node("Gather", ["s", "i1"], ["t"], axis=0),
+            helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+            helper.make_node("Unsqueeze", ["t", "ax0"], ["t1"])]
+
+
+_DIM_INITS = [numpy_helper.from_array(np.array(0, np.int64), "i0"), numpy_helper.from_array(np.array(1, np.int64), "i1"),
+              numpy_helper.from_array(np.array([0], np.int64), "ax0"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
+              numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array([-1], np.int64), "m1")]
+
+
+def test_range_of_a_dim_has_that_length_so_reshape_targets_fold():
+    # y = x + Range(0, S, 1): shape inference says [N, ?]; the hint [N, S] lets
+    # Reshape(y, [N, S, -1]) become Reshape(y, [0, 0, -1]) and the Shape arithmetic go.
+    nodes = [*_dims_of_x(),
+             helper.make_node("Range", ["zero", "t", "one"], ["r"]),
+             helper.make_node("Cast", ["r"], ["rf"], to=F),
+             helper.make_node("Add", ["x", "rf"], ["y"]),
+             helper.make_node("Concat", ["n1", "t1", "m1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["y", "target"], ["z"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["N", "S"])], [helper.make_tensor_value_info("z", F, [None, None, None])],
+                   _DIM_INITS)
+    after, _ = _run(fold_constants, model)
+    assert _target_of(after) == [0, 0, -1]
+    assert "Concat" not in _ops(after) and _ops(after)["Gather"] == 1  # only the Range's limit is left
+    _same_outputs(model, after, _feeds(model, x=(2, 5)), _feeds(model, x=(1, 1)))
+
+
+@pytest.mark.parametrize("table_rows,folds", [(16, True), (1, True)])
+def test_position_slice_broadcast_keeps_the_sequence_dim(table_rows, folds):
+    # The transformer position-embedding pattern: ids = positions[:, :S] is [1, min(S, 16)];
+    # x + table[ids] is then [N, S, 4] on every run that succeeds.
+    nodes = [*_dims_of_x(),
+             helper.make_node("Slice", ["positions", "ax0", "t1", "i1d"], ["ids"]),
+             helper.make_node("Gather", ["table", "ids"], ["pe"], axis=0),
+             helper.make_node("Add", ["x", "pe"], ["y"]),
+             helper.make_node("Concat", ["n1", "t1", "m1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["y", "target"], ["z"])]
+    rng = np.random.default_rng(0)
+    inits = [*_DIM_INITS, numpy_helper.from_array(np.arange(table_rows, dtype=np.int64)[None], "positions"),
+             numpy_helper.from_array(rng.standard_normal((table_rows, 4)).astype(np.float32), "table"),
+             numpy_helper.from_array(np.array([1], np.int64), "i1d")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["N", "S", 4])], [helper.make_tensor_value_info("z", F, [None, None, None])],
+                   inits)
+    after, _ = _run(fold_constants, model)
+    assert (_target_of(after) == [0, 0, -1]) == folds
+    sizes = [(2, min(5, table_rows), 4), (1, 1, 4), (3, table_rows, 4)]
+    _same_outputs(model, after, *[_feeds(model, x=s) for s in sizes])
+
+
+def test_slice_that_does_not_start_at_zero_gives_no_hint():
+    # positions[:, 1:S] is [1, min(S, 16) - 1]: not S, so x + table[ids] must stay unknown.
+    nodes = [*_dims_of_x(),
+             helper.make_node("Slice", ["positions", "one1", "t1", "i1d"], ["ids"]),
+             helper.make_node("Gather", ["table", "ids"], ["pe"], axis=0),
+             helper.make_node("Add", ["x", "pe"], ["y"]),
+             helper.make_node("Concat", ["n1", "t1", "m1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["y", "target"], ["z"])]
+    inits = [*_DIM_INITS, numpy_helper.from_array(np.arange(16, dtype=np.int64)[None], "positions"),
+             numpy_helper.from_array(np.ones((16, 4), np.float32), "table"),
+             numpy_helper.from_array(np.array([1], np.int64), "i1d"), numpy_helper.from_array(np.array([1], np.int64), "one1")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["N", "S", 4])], [helper.make_tensor_value_info("z", F, [None, None, None])],
+                   inits)
+    after, _ = _run(fold_constants, model)
+    assert _target_of(after) is None
+
+
+def test_real_minilm_head_reshapes_become_static():
+    # The hidden states' [batch, sequence] were lost at the position-embedding Add and the
+    # boolean mask's Expand; with the hints every per-layer head Reshape gets a constant
+    # target and the Shape/Gather/Unsqueeze/Concat arithmetic feeding it goes.
+    from onnxopt.model_io import load_model
+    from onnxopt.testing import real_models as rm
+
+    try:
+        original = load_model(rm.minilm_model())
+    except rm.RealModelUnavailable as e:
+        pytest.skip(str(e))
+    before = _ops(original)
+    result = optimize(original, inputs=rm.encode_sentences(rm.sentences("eval", 2), seq_len=16))
+    after = _ops(result.model)
+    assert result.rolled_back == {}
+    assert before["Shape"] >= 20 and after["Shape"] <= 4 and after.get("Concat", 0) == 0 and "Expand" not in after
+    feeds = rm.encode_sentences(rm.sentences("eval", 3), seq_len=24)
+    feeds["attention_mask"][1] = 0
+    one = {k: v[:1, :7] for k, v in feeds.items()}
+    _same_outputs(original, result.model, feeds, one)
+
+
 def test_fold_refuses_large_outputs_but_folds_weight_transforms():
     big = (2048, 1024)  # 2 Mi elements
     w = numpy_helper.from_array(np.arange(np.prod(big), dtype=np.float32).reshape(big) % 7, "w")

@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxopt.passes._shapes import (
@@ -69,6 +71,7 @@ from onnxopt.passes.registry import register_pass
 logger = logging.getLogger("onnxopt")
 
 ALWAYS_FOLD_ELEMENTS = 16 * 1024
+MAX_HINT_ROUNDS = 3
 MAX_FOLD_ELEMENTS = 1 << 20
 MAX_GROWTH = 4
 
@@ -861,6 +864,174 @@ def _broadcast_1d(a: ShapeValue, b: ShapeValue, n: int | None = None):
     return da, db
 
 
+# ---------------------------------------------------------------- shape hints
+#
+# ONNX shape inference gives up on a few patterns exporters write around dynamic dims, and
+# every dimension downstream of them then becomes a fresh unknown ("unk__7"). Three facts
+# it misses are computed here from the symbolic shape values above and handed back to it as
+# value_info (the proto inference runs on, never the model), so its own propagation carries
+# them on:
+#
+# - ``Range(0, d, 1)`` with ``d`` a dimension has shape ``[d]`` (d >= 0).
+# - ``Expand(x, t)`` with ``t`` a tracked shape value has shape ``broadcast(shape(x), t)``.
+# - ``Slice(data, [0], [d], [a])`` (step 1) of a static dim N has ``min(d, N)`` there; a
+#   broadcasting op that meets it against ``d`` itself outputs ``d`` (both are d when d <= N,
+#   and the op fails otherwise). A position-id slice followed by an embedding Gather and an
+#   Add is what transformer exports write, and the hidden states' batch/sequence dims were
+#   lost at that Add.
+#
+# A hint only names a dimension inference left unknown; it never overrides one it knew.
+
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "And", "Or", "Xor", "Equal", "Less", "Greater",
+                           "LessOrEqual", "GreaterOrEqual", "Where", "Max", "Min", "Mod", "BitShift"})
+
+
+class _MinDim:
+    """``min(d, N)``: a Slice's output dim with end ``d`` (a symbol) over a static size N."""
+
+    __slots__ = ("d",)
+
+    def __init__(self, d):
+        self.d = d
+
+
+def _bcast_dim(a, b):
+    """Broadcast of two symbolic dims, or None when it cannot be named."""
+    if isinstance(a, _MinDim) and isinstance(b, _MinDim):
+        return None
+    if isinstance(a, _MinDim):
+        a, b = b, a
+    if isinstance(b, _MinDim):
+        return a if isinstance(a, _Sym) and a == b.d else None
+    if isinstance(a, int) and a == 1:
+        return b
+    if isinstance(b, int) and b == 1:
+        return a
+    if isinstance(a, int) and isinstance(b, int):
+        return a if a == b else None
+    return a if a == b else None
+
+
+def _broadcast_dims(shapes: list[list]) -> list | None:
+    rank = max(len(s) for s in shapes)
+    out = []
+    for i in range(rank):
+        dims = [s[i - rank + len(s)] for s in shapes if i - rank + len(s) >= 0]
+        d = dims[0]
+        for e in dims[1:]:
+            d = _bcast_dim(d, e) if d is not None else None
+        out.append(d)
+    return out
+
+
+def _stable_name(name: str | None) -> bool:
+    # "unk__N" names are made up by each inference run and may be handed out again to other
+    # dims in the next one: only names the model itself declares are written back.
+    return bool(name) and not re.fullmatch(r"unk__\d+", name)
+
+
+def _known(dim) -> bool:
+    return isinstance(dim, int) or (isinstance(dim, ir.SymbolicDim) and _stable_name(dim.value))
+
+
+def _has_unknown(shape: ir.Shape | None) -> bool:
+    return shape is None or not all(_known(d) for d in shape)
+
+
+def _shape_hints(model: ir.Model, inferred: dict[ir.Value, ir.Shape]) -> dict[str, list]:
+    """{value name: dims (int, symbol name, or None)} that inference left unknown (main graph)."""
+    folder = _Folder(model, inferred)
+    mins: dict[ir.Value, dict[int, _Sym]] = {}
+    hints: dict[str, list] = {}
+    refined: dict[ir.Value, list] = {}
+
+    def dims(v: ir.Value | None) -> list | None:
+        if v is None:
+            return None
+        if v in refined:
+            return refined[v]
+        d = folder.dims_of(v)
+        if d is not None and v in mins:
+            d = [_MinDim(mins[v][i]) if i in mins[v] else x for i, x in enumerate(d)]
+        return d
+
+    def hint(v: ir.Value, new: list) -> None:
+        old = shape_of(v, inferred)
+        if old is None or len(old) != len(new) or not _has_unknown(old) or not v.name:
+            return
+        out, gained = [], False
+        for o, n in zip(old, new):
+            if _known(o):
+                out.append(o if isinstance(o, int) else o.value)
+            elif isinstance(n, int) or (isinstance(n, _Sym) and _stable_name(n.name)):
+                out.append(n if isinstance(n, int) else n.name)
+                gained = True
+            else:
+                out.append(None)
+        if gained:
+            hints[v.name] = out
+            refined[v] = [x if isinstance(x, int) else _Sym(x, (v, i)) if x else _Sym(None, (v, i))
+                          for i, x in enumerate(out)]
+
+    for node in model.graph:
+        if node.domain not in _STANDARD_DOMAINS or not node.outputs:
+            continue
+        if len(node.outputs) == 1:
+            sv = folder.symbolic(node)
+            if sv is not None:
+                folder.sym[node.outputs[0]] = sv
+        op, ins, out = node.op_type, node.inputs, node.outputs[0]
+        if op == "Range" and len(ins) == 3:
+            start, delta = _int_list(ins[0]), _int_list(ins[2])
+            limit = folder.shape_value(ins[1])
+            if start == [0] and delta == [1] and limit is not None and len(limit.dims) == 1:
+                hint(out, [limit.dims[0]])
+        elif op == "Expand" and len(ins) == 2:
+            target, x = folder.shape_value(ins[1]), dims(ins[0])
+            if target is not None and not target.scalar and x is not None:
+                b = _broadcast_dims([x, list(target.dims)])
+                if b is not None:
+                    hint(out, b)
+        elif op == "Slice" and len(ins) >= 3:
+            data = dims(ins[0])
+            starts, ends = _int_list(ins[1]), folder.shape_value(ins[2])
+            axes = _int_list(ins[3]) if len(ins) > 3 and ins[3] is not None else [0]
+            steps = _int_list(ins[4]) if len(ins) > 4 and ins[4] is not None else [1]
+            if (data is not None and starts == [0] and ends is not None and len(ends.dims) == 1 and axes
+                    and len(axes) == 1 and steps == [1]):
+                a = axes[0] + len(data) if axes[0] < 0 else axes[0]
+                d = ends.dims[0]
+                if 0 <= a < len(data) and isinstance(d, _Sym) and isinstance(data[a], int):
+                    mins[out] = {a: d}
+                    hint(out, [None if i == a else x for i, x in enumerate(data)])  # other axes: unsliced
+        elif op == "Gather" and len(ins) == 2 and ins[1] in mins:
+            axis = _attr(node, "axis", 0)
+            data = dims(ins[0])
+            if data is not None and axis is not None:
+                axis = axis + len(data) if axis < 0 else axis
+                mins[out] = {axis + i: d for i, d in mins[ins[1]].items()}
+        elif op in _BROADCASTING and any(v in mins for v in ins if v is not None):
+            shapes = [dims(v) for v in ins]
+            if all(sh is not None for sh in shapes):
+                b = _broadcast_dims(shapes)
+                if b is not None:
+                    hint(out, b)
+    return hints
+
+
+def _apply_hints(proto: onnx.ModelProto, hints: dict[str, list], model: ir.Model) -> None:
+    """Write ``hints`` as value_info of ``proto`` (replacing earlier hints for those names)."""
+    produced = {v.name: v for n in model.graph for v in n.outputs if v.name}
+    keep = [vi for vi in proto.graph.value_info if vi.name not in hints and vi.name in produced]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(keep)
+    for name, dims in hints.items():
+        value = produced.get(name)
+        if value is None or value.dtype is None:
+            continue
+        proto.graph.value_info.append(onnx.helper.make_tensor_value_info(name, int(value.dtype), dims))
+
+
 def fold_constants(model: ir.Model, *, max_rounds: int = 8) -> int:
     """Fold the model in place; returns the number of nodes folded.
 
@@ -883,6 +1054,15 @@ def fold_constants(model: ir.Model, *, max_rounds: int = 8) -> int:
             proto = inference_proto(model)
             editor = ProtoEditor(proto) if proto is not None else None
             inferred = infer_from_proto(model, proto) if proto is not None else {}
+        if editor is not None:
+            # Hints can enable more hints (a refined Add gives an Expand a known input...).
+            for _ in range(MAX_HINT_ROUNDS):
+                hints = _shape_hints(model, inferred)
+                if not hints:
+                    break
+                editor.flush()
+                _apply_hints(editor.proto, hints, model)
+                inferred = infer_from_proto(model, editor.proto)
         folder = _Folder(model, inferred, editor)
         for graph in (model.graph, *model.graph.subgraphs()):
             folder.fold_graph(graph)
