@@ -113,8 +113,13 @@ def session(path: pathlib.Path, threads: int, optimize: bool):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def interleaved_latency(paths: dict[str, pathlib.Path], feeds: dict, threads: int, optimize: bool, rounds: int) -> dict:
-    """Median latency (ms) per candidate and median/IQR of per-round ratios to 'original'."""
+def interleaved_latency(paths: dict[str, pathlib.Path], feeds: dict, threads: int, optimize: bool, rounds: int,
+                        block: int = 1) -> dict:
+    """Median latency (ms) per candidate and median/IQR of per-round ratios to 'original'.
+
+    ``block``: runs of each candidate back to back per round (warm caches, as a deployed
+    model runs); the k-th run of a block is paired with the original's k-th run.
+    """
     sessions = {name: session(p, threads, optimize) for name, p in paths.items()}
     names = list(sessions)
     for s in sessions.values():  # warm-up
@@ -124,9 +129,10 @@ def interleaved_latency(paths: dict[str, pathlib.Path], feeds: dict, threads: in
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
-            start = time.perf_counter()
-            sessions[n].run(None, feeds)
-            times[n].append((time.perf_counter() - start) * 1000)
+            for _ in range(block):
+                start = time.perf_counter()
+                sessions[n].run(None, feeds)
+                times[n].append((time.perf_counter() - start) * 1000)
     base = np.array(times["original"])
     out = {}
     for n in names:
@@ -184,6 +190,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds per setting")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="10 latency rounds")
+    ap.add_argument("--block", type=int, default=1,
+                    help="runs of each model back to back per round (1: alternate; larger: warm caches)")
     ap.add_argument("--json", help="write all numbers here")
     args = ap.parse_args()
     rounds = 10 if args.quick else args.rounds
@@ -215,10 +223,11 @@ def main() -> int:
                         row["error"] = f"ORT rejects it: {str(e).strip().splitlines()[0][:140]}"
                 rows[tool] = row
             for optimize, key in ((True, "lat_on"), (False, "lat_off")):
-                lat = interleaved_latency(outputs, feeds, args.threads, optimize, rounds)
+                lat = interleaved_latency(outputs, feeds, args.threads, optimize, rounds, block=args.block)
                 for tool, v in lat.items():
                     rows[tool][key] = v
-            table = Table(title=f"{name} ({src.name}), {args.threads} threads, {rounds} interleaved rounds")
+            table = Table(title=f"{name} ({src.name}), {args.threads} threads, {rounds} interleaved rounds"
+                          + (f" of {args.block} back-to-back runs" if args.block > 1 else ""))
             for col in ("tool", "nodes", "optimize s", "max |diff|", "ORT opt on: ms (x orig)", "ORT opt off: ms (x orig)", "failure"):
                 table.add_column(col)
             for tool, row in rows.items():
