@@ -250,3 +250,51 @@ def test_glue_between_convs_is_fused_by_ort():
     assert kernels.get("QLinearAdd") == 1 and kernels.get("QLinearConcat") == 1
     ref = _ort(proto, feeds[0])[0]
     assert np.abs(_ort(res.model, feeds[0])[0] - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def _pair_head_model(path):
+    rng = np.random.default_rng(5)
+    f = np.float32
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 6, 1, 1)).astype(f) * 0.3, "w0"),
+             numpy_helper.from_array(rng.standard_normal((6, 5, 2, 2)).astype(f), "w1"),
+             numpy_helper.from_array(rng.standard_normal(5).astype(f), "b1"),
+             numpy_helper.from_array(rng.standard_normal((5, 2, 2, 2)).astype(f), "w2"),
+             numpy_helper.from_array(rng.standard_normal(2).astype(f), "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="c0"),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("ConvTranspose", ["r0", "w1", "b1"], ["c1"], strides=[2, 2], name="ct1"),
+             helper.make_node("Relu", ["c1"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "w2", "b2"], ["c2"], strides=[2, 2], name="ct2"),
+             helper.make_node("Sigmoid", ["c2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 32, 32])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    onnx.save(proto, path)
+    return path, [{"x": rng.standard_normal((1, 6, 8, 8)).astype(f)} for _ in range(4)]
+
+
+@pytest.mark.parametrize("exclude,float_layers", [
+    (["ct1"], {"ct1_pair_conv1"}),                     # the user's node names
+    (["ct2"], {"ct1_pair_conv2"}),
+    (["ct1_pair_conv2"], {"ct1_pair_conv2"}),          # the name the report lists
+    (["ConvTranspose"], {"ct1_pair_conv1", "ct1_pair_conv2"}),  # the user's op type
+])
+def test_exclude_reaches_the_convs_made_from_a_convtranspose_pair(tmp_path, exclude, float_layers):
+    # The ConvTranspose pair becomes two Convs before layers are chosen; --exclude used to
+    # reject the original names ("no node ... in the model") and the report's new ones alike.
+    from onnxopt.quantization import quantize
+
+    path, feeds = _pair_head_model(tmp_path / "m.onnx")
+    rep = quantize(path, feeds, exclude=exclude, progress=False).report
+    assert {k for k, v in rep["layers"].items() if not v["quantized"]} == float_layers
+    assert all(rep["layers"][k]["reason"] == "excluded by the user" for k in float_layers)
+
+
+def test_exclude_of_a_made_up_derived_name_is_refused(tmp_path):
+    from onnxopt.errors import OnnxoptError
+    from onnxopt.quantization import quantize
+
+    path, feeds = _pair_head_model(tmp_path / "m.onnx")
+    with pytest.raises(OnnxoptError, match="--exclude 'ct1_nonsense': no node or op type"):
+        quantize(path, feeds, exclude=["ct1_nonsense"], progress=False)

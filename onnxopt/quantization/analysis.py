@@ -221,19 +221,46 @@ def unusable_range(stats) -> str | None:
     return None
 
 
-def apply_exclusions(model: ir.Model, layers: list[Layer], exclude) -> tuple[list[Layer], dict[str, str]]:
-    """Drop layers whose node name or op type is in ``exclude``; every entry must match something."""
+ORIGIN_KEY = "onnxopt.origin"  # node.meta: the user's node a quantizer rewrite made this one from
+ORIGIN_OP_KEY = "onnxopt.origin_op"  # node.meta: that node's op type
+
+
+def _origin(node: ir.Node | None, key: str = ORIGIN_KEY) -> str | None:
+    return node.meta.get(key) if node is not None else None
+
+
+def check_exclusions(model: ir.Model, exclude) -> None:
+    """Fail fast on ``--exclude`` entries that cannot name anything: not a node name or op
+    type of the user's model, nor a name the quantizer derives from one (``<name>_...``,
+    as the report lists the convs it makes from a ConvTranspose pair). The exact check
+    runs again on the transformed model (:func:`apply_exclusions`)."""
+    if not exclude:
+        return
+    names = {n.name for n in model.graph if n.name}
+    ops = {n.op_type for n in model.graph}
+    for item in exclude:
+        if item in names or item in ops or any(item.startswith(f"{n}_") for n in names):
+            continue
+        raise OnnxoptError(f"--exclude {item!r}: no node or op type of that name in the model")
+
+
+def apply_exclusions(model: ir.Model, layers: list[Layer], exclude, nodes: dict[str, ir.Node] | None = None
+                     ) -> tuple[list[Layer], dict[str, str]]:
+    """Drop layers whose node name, op type or origin (the user's node a rewrite made it
+    from) is in ``exclude``; every entry must match something in ``model``."""
     if not exclude:
         return layers, {}
-    names = {n.name for n in model.graph}
-    ops = {n.op_type for n in model.graph}
+    by_name = nodes if nodes is not None else {n.name: n for n in model.graph}
+    names = set(by_name) | {o for o in (_origin(n) for n in model.graph) if o}
+    ops = {n.op_type for n in model.graph} | {o for o in (_origin(n, ORIGIN_OP_KEY) for n in model.graph) if o}
     for item in exclude:
         if item not in names and item not in ops:
             raise OnnxoptError(f"--exclude {item!r}: no node or op type of that name in the model")
     keep, dropped = [], {}
     wanted = set(exclude)
     for layer in layers:
-        if layer.name in wanted or layer.op_type in wanted:
+        node = by_name.get(layer.name)
+        if layer.name in wanted or layer.op_type in wanted or _origin(node) in wanted or _origin(node, ORIGIN_OP_KEY) in wanted:
             dropped[layer.name] = "excluded by the user"
         else:
             keep.append(layer)

@@ -202,8 +202,7 @@ def quantize(
     if already:
         raise OnnxoptError(f"the model is already quantized (it contains {already}); quantize the float model")
     # Check --exclude against the original node names and op types before any work.
-    if exclude:
-        analysis.apply_exclusions(src, [], exclude)
+    analysis.check_exclusions(src, exclude)
     rep: dict = {"scheme": scheme.describe(), "method": method, "target": target}
 
     # Open (and validate the first feed of) the calibration data before any slow work.

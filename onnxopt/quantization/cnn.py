@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from onnxopt.graph import all_nodes, opset_version
 from onnxopt.passes._fusion_util import const_array
+from onnxopt.quantization.analysis import ORIGIN_KEY, ORIGIN_OP_KEY
 
 __all__ = [
     "fuse_convtranspose_pair",
@@ -400,10 +401,13 @@ def fuse_convtranspose_pair(model: ir.Model, ctx=None) -> str:
 
         new = [fresh("Conv", [node.inputs[0], const("pair_W1", wa), const("pair_B1", ba)], "pair_conv1",
                      {"kernel_shape": [1, 1]})]
+        # --exclude of the ConvTranspose (by name or op type) reaches the conv made from it.
+        new[0].meta[ORIGIN_KEY], new[0].meta[ORIGIN_OP_KEY] = node.name, node.op_type
         if act1 is not None:
             new.append(fresh("", [new[-1].outputs[0], *act1.inputs[1:]], "pair_act1", like=act1))
         new.append(fresh("Conv", [new[-1].outputs[0], const("pair_W2", wb), const("pair_B2", bb)], "pair_conv2",
                          {"kernel_shape": [1, 1]}))
+        new[-1].meta[ORIGIN_KEY], new[-1].meta[ORIGIN_OP_KEY] = second_node.name, second_node.op_type
         act2 = _sole_pointwise(second_node.outputs[0])
         last = second_node.outputs[0]
         if act2 is not None:
