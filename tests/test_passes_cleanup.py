@@ -245,14 +245,20 @@ def test_real_minilm_head_reshapes_become_static():
     except rm.RealModelUnavailable as e:
         pytest.skip(str(e))
     before = _ops(original)
-    result = optimize(original, inputs=rm.encode_sentences(rm.sentences("eval", 2), seq_len=16))
-    after = _ops(result.model)
-    assert result.rolled_back == {}
+    # Folding and cleanup only (no arithmetic rewrites): the outputs stay bitwise equal.
+    cleanup = ["lift-constants", "fold-constants", "remove-noops", "cse", "remove-unused"]
+    folded = optimize(original, passes=cleanup, verify="off").model
+    after = _ops(folded)
     assert before["Shape"] >= 20 and after["Shape"] <= 4 and after.get("Concat", 0) == 0 and "Expand" not in after
     feeds = rm.encode_sentences(rm.sentences("eval", 3), seq_len=24)
     feeds["attention_mask"][1] = 0
     one = {k: v[:1, :7] for k, v in feeds.items()}
-    _same_outputs(original, result.model, feeds, one)
+    for f in (feeds, one):
+        ref, new = run_model(original, f), run_model(folded, f)
+        for k in ref:
+            np.testing.assert_array_equal(new[k], ref[k])
+    result = optimize(original, inputs=rm.encode_sentences(rm.sentences("eval", 2), seq_len=16))
+    assert result.rolled_back == {} and _ops(result.model)["Shape"] <= 4
 
 
 def test_fold_refuses_large_outputs_but_folds_weight_transforms():

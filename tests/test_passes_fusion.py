@@ -252,6 +252,14 @@ def test_scale_after_conv_gemm_matmul():
     assert_same(mm, out, {"x": rand(2, 7, 5)})
 
 
+def test_non_finite_scale_is_not_moved_into_weights():
+    # (X @ W) * inf is inf or NaN by the sign of each product; X @ (W * inf) is NaN wherever a
+    # term is 0 * inf. The fuzzer found the safety net rolling this back (seed 2718).
+    mm = model([helper.make_node("MatMul", ["x", "W"], ["c"]), helper.make_node("Mul", ["c", "s"], ["y"])],
+               [("x", F, ["N", 5])], [("y", F, None)], {"W": rand(5, 3), "s": np.array([1.0, np.inf, 2.0], np.float32)})
+    assert ops(run_passes(mm, "fuse-scale")) == ["MatMul", "Mul"]
+
+
 def test_scale_before_grouped_conv_and_gemm():
     conv = model([helper.make_node("Mul", ["x", "s"], ["a"]), helper.make_node("Conv", ["a", "W"], ["y"], group=2, pads=[1, 1, 1, 1])],
                  X4, [("y", F, None)], {"W": rand(6, 2, 3, 3), "s": rand(4, 1, 1)})
@@ -668,3 +676,76 @@ def test_real_minilm_nan_guards_sink_and_outputs_stay_bitwise_equal():
     ref, new = run_model(original, feeds), run_model(out, feeds)
     for k in ref:
         np.testing.assert_array_equal(new[k], ref[k])
+
+
+# -- fold-residual-bias -----------------------------------------------------------------
+
+
+def _post_ln_block(variant=""):
+    """L = LN(x); q = L @ Wq + bq; y = LN2((h @ Wo + bo) + L): a post-LN block's end."""
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g1", "be1"], ["L"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["L", "wq"], ["lq"]),
+        helper.make_node("Add", ["lq", "bq"], ["q"]),
+        helper.make_node("MatMul", ["h", "wo"], ["ho"]),
+        helper.make_node("Add", ["bo", "ho"], ["hb"]),
+        helper.make_node("Add", ["hb", "L"], ["r"]),
+        helper.make_node("LayerNormalization", ["r", "g2", "be2"], ["y"], axis=-1, epsilon=1e-5),
+    ]
+    outputs = [("q", F, None), ("y", F, None)]
+    if variant == "L_is_output":
+        outputs.append(("L", F, None))
+    if variant == "relu_reader":
+        nodes.append(helper.make_node("Relu", ["L"], ["z"]))
+        outputs.append(("z", F, None))
+    if variant == "shared_bias":
+        nodes.append(helper.make_node("Add", ["q", "bo2"], ["q2"]))
+        outputs.append(("q2", F, None))
+    inits = {"g1": rand(8, positive=True), "be1": rand(8), "wq": rand(8, 5), "bq": rand(5), "wo": rand(6, 8),
+             "bo": rand(8), "g2": rand(8, positive=True), "be2": rand(8)}
+    if variant == "shared_bias":
+        inits["bo2"] = inits["bq"]
+        nodes[-1].input[1] = "bq"  # the Q bias initializer is also read by another Add
+    inputs = [("x", F, ["B", "S", 8]), ("h", F, ["B", "S", 6])]
+    return model(nodes, inputs, outputs, inits, opset=17)
+
+
+def test_residual_bias_folds_into_the_layernorm_and_its_readers_compensate():
+    m = _post_ln_block()
+    out = run_passes(m, "fold-residual-bias")
+    assert ops(out).count("Add") == ops(m).count("Add") - 1
+    ln = next(n for n in out.graph if n.op_type == "LayerNormalization" and n.outputs[0].name == "L")
+    assert ln.inputs[2].name != "be1"  # a new beta, the bias folded in
+    assert_same(m, out, {"x": rand(2, 3, 8) * 2, "h": rand(2, 3, 6)}, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["L_is_output", "relu_reader"])
+def test_residual_bias_left_alone(variant):
+    # L itself is an output, or read by something that would see L + b.
+    m = _post_ln_block(variant)
+    assert ops(run_passes(m, "fold-residual-bias")) == ops(m)
+
+
+def test_residual_bias_fold_copies_a_shared_reader_bias():
+    m = _post_ln_block("shared_bias")
+    out = run_passes(m, "fold-residual-bias")
+    assert ops(out).count("Add") == ops(m).count("Add") - 1
+    assert_same(m, out, {"x": rand(2, 3, 8), "h": rand(2, 3, 6)}, rtol=1e-4, atol=1e-5)
+
+
+def test_real_minilm_residual_biases_fold():
+    from onnxopt.model_io import load_model
+    from onnxopt.testing import real_models as rm
+
+    try:
+        original = load_model(rm.minilm_model())
+    except rm.RealModelUnavailable as e:
+        pytest.skip(str(e))
+    out = ir.serde.deserialize_model(ir.serde.serialize_model(original))
+    for name in ("fold-residual-bias", "remove-unused"):
+        p = get_pass(name).factory()
+        p(out)
+        if name == "fold-residual-bias":
+            assert p.rewrites == 12  # attention output and FFN output, in 6 layers
+    feeds = rm.encode_sentences(rm.sentences("eval", 3), seq_len=24)
+    assert_same(original, out, feeds, rtol=1e-4, atol=2e-5)
