@@ -67,8 +67,12 @@ _AFTER = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def _factor(node: ir.Node, c: np.ndarray) -> np.ndarray | None:
-    """The multiplier a Mul/Div by constant ``c`` applies (float64), or None for 1/0."""
+    """The multiplier a Mul/Div by constant ``c`` applies (float64), or None for 1/0 or a
+    non-finite ``c``: ``(X @ W) * inf`` and ``X @ (W * inf)`` differ wherever a product is 0
+    (inf vs NaN), so an inf/NaN scale is not moved (the fuzzer's case, seed 2718)."""
     c64 = c.astype(np.float64)
+    if not np.all(np.isfinite(c64)):
+        return None
     if node.op_type == "Div":
         if np.any(c64 == 0):
             return None
