@@ -749,3 +749,74 @@ def test_real_minilm_residual_biases_fold():
             assert p.rewrites == 12  # attention output and FFN output, in 6 layers
     feeds = rm.encode_sentences(rm.sentences("eval", 3), seq_len=24)
     assert_same(original, out, feeds, rtol=1e-4, atol=2e-5)
+
+
+# -- drop-key-bias ----------------------------------------------------------------------
+
+
+def _scores_model(k_perm=(0, 2, 3, 1), softmax_axis=-1, key_side=1, extra_reader=False):
+    """q/k projections with biases, heads split [B, S, 2, 4], scores, mask Add, Softmax."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q0"]), helper.make_node("Add", ["q0", "bq"], ["q1"]),
+        helper.make_node("Reshape", ["q1", "heads"], ["q2"]), helper.make_node("Transpose", ["q2"], ["q"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["x", "wk"], ["k0"]), helper.make_node("Add", ["bk", "k0"], ["k1"]),
+        helper.make_node("Reshape", ["k1", "heads"], ["k2"]), helper.make_node("Transpose", ["k2"], ["k3"], perm=list(k_perm)),
+        helper.make_node("Mul", ["k3", "c"], ["k"]),
+        helper.make_node("MatMul", ["q", "k"] if key_side == 1 else ["k", "q"], ["s"]),
+        helper.make_node("Div", ["s", "c"], ["s1"]),
+        helper.make_node("Add", ["s1", "mask"], ["s2"]),
+        helper.make_node("Softmax", ["s2"], ["p"], axis=softmax_axis),
+    ]
+    outputs = [("p", F, None)]
+    if extra_reader:
+        outputs.append(("s", F, None))
+    inits = {"wq": rand(8, 8), "bq": rand(8), "wk": rand(8, 8), "bk": rand(8) * 3, "c": np.array(0.7, np.float32),
+             "heads": np.array([0, 0, 2, -1], np.int64)}
+    inputs = [("x", F, ["B", "S", 8]), ("mask", F, ["B", 1, "S", "S"])]
+    return model(nodes, inputs, outputs, inits, opset=17)
+
+
+def _scores_feeds():
+    mask = np.where(RNG.random((2, 1, 5, 5)) > 0.3, 0.0, -np.inf).astype(np.float32)
+    mask[1] = -np.inf  # a fully masked sample: NaN rows before and after
+    return {"x": rand(2, 5, 8), "mask": mask}
+
+
+def test_key_bias_is_dropped_and_the_softmax_does_not_change():
+    m = _scores_model()
+    out = run_passes(m, "drop-key-bias")
+    assert ops(out).count("Add") == ops(m).count("Add") - 1
+    assert "bk" not in {v.name for n in out.graph for v in n.inputs if v is not None}
+    assert "bq" in {v.name for n in out.graph for v in n.inputs if v is not None}  # the query bias matters
+    feeds = _scores_feeds()
+    ref, new = run_model(m, feeds)["p"], run_model(out, feeds)["p"]
+    np.testing.assert_array_equal(np.isnan(ref), np.isnan(new))
+    np.testing.assert_allclose(new[0], ref[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{"k_perm": (0, 2, 1, 3)}, {"softmax_axis": 2}, {"key_side": 0}, {"extra_reader": True}])
+def test_key_bias_left_alone(kw):
+    # K not transposed to [.., d, tokens] (perm 0,2,1,3 with K first is a different product),
+    # a softmax over the query axis, the biased tensor as the left operand, or the raw scores
+    # read elsewhere: the bias is not a per-row constant of what the softmax sees.
+    m = _scores_model(**kw)
+    assert ops(run_passes(m, "drop-key-bias")) == ops(m)
+
+
+def test_real_minilm_key_biases_dropped():
+    from onnxopt.model_io import load_model
+    from onnxopt.testing import real_models as rm
+
+    try:
+        original = load_model(rm.minilm_model())
+    except rm.RealModelUnavailable as e:
+        pytest.skip(str(e))
+    out = ir.serde.deserialize_model(ir.serde.serialize_model(original))
+    for name in ("lift-constants", "fold-constants", "remove-unused"):  # the head Reshapes get constant targets
+        get_pass(name).factory()(out)
+    p = get_pass("drop-key-bias").factory()
+    p(out)
+    assert p.rewrites == 6
+    feeds = rm.encode_sentences(rm.sentences("eval", 3), seq_len=24)
+    feeds["attention_mask"][2] = 0
+    assert_same(original, out, feeds, rtol=1e-4, atol=2e-5)
