@@ -957,8 +957,8 @@ def _shape_hints(model: ir.Model, inferred: dict[ir.Value, ir.Shape]) -> dict[st
 
     def hint(v: ir.Value, new: list) -> None:
         old = shape_of(v, inferred)
-        if old is None or len(old) != len(new) or not _has_unknown(old) or not v.name:
-            return
+        if old is None or len(old) != len(new) or not _has_unknown(old) or not v.name or v.is_graph_output():
+            return  # (a graph output's declared shape is the model's own; value_info is for intermediates)
         out, gained = [], False
         for o, n in zip(old, new):
             if _known(o):
