@@ -701,12 +701,17 @@ def _post_ln_block(variant=""):
     if variant == "shared_bias":
         nodes.append(helper.make_node("Add", ["q", "bo2"], ["q2"]))
         outputs.append(("q2", F, None))
+        # b itself is read elsewhere too (ALBERT-style sharing): it must stay as it is there
+        nodes.append(helper.make_node("Add", ["h8", "bo"], ["h8b"]))
+        outputs.append(("h8b", F, ["B", "S", 8]))
     inits = {"g1": rand(8, positive=True), "be1": rand(8), "wq": rand(8, 5), "bq": rand(5), "wo": rand(6, 8),
              "bo": rand(8), "g2": rand(8, positive=True), "be2": rand(8)}
     if variant == "shared_bias":
         inits["bo2"] = inits["bq"]
-        nodes[-1].input[1] = "bq"  # the Q bias initializer is also read by another Add
+        next(n for n in nodes if n.output[0] == "q2").input[1] = "bq"  # the Q bias is read by another Add
     inputs = [("x", F, ["B", "S", 8]), ("h", F, ["B", "S", 6])]
+    if variant == "shared_bias":
+        inputs.append(("h8", F, ["B", "S", 8]))
     return model(nodes, inputs, outputs, inits, opset=17)
 
 
@@ -726,11 +731,11 @@ def test_residual_bias_left_alone(variant):
     assert ops(run_passes(m, "fold-residual-bias")) == ops(m)
 
 
-def test_residual_bias_fold_copies_a_shared_reader_bias():
+def test_residual_bias_fold_copies_shared_biases():
     m = _post_ln_block("shared_bias")
     out = run_passes(m, "fold-residual-bias")
     assert ops(out).count("Add") == ops(m).count("Add") - 1
-    assert_same(m, out, {"x": rand(2, 3, 8), "h": rand(2, 3, 6)}, rtol=1e-4, atol=1e-5)
+    assert_same(m, out, {"x": rand(2, 3, 8), "h": rand(2, 3, 6), "h8": rand(2, 3, 8)}, rtol=1e-4, atol=1e-5)
 
 
 def test_real_minilm_residual_biases_fold():

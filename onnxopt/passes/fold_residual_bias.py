@@ -17,8 +17,7 @@ second FFN layer's bias Adds (12 in a 6-layer BERT, whose int8 models spend a te
 their time in Adds).
 
 Conditions: ``b`` a constant with one element per channel (``[N]``, N = the LayerNorm's
-normalized size = W's output size), read only by that Add, whose result is read only by
-the residual Add; the LayerNorm over the last axis with a constant (or absent) beta; ``L``
+normalized size = W's output size), the bias Add's result read only by the residual Add; the LayerNorm over the last axis with a constant (or absent) beta; ``L``
 not a graph output, and every reader of ``L`` other than the residual Add either a Shape
 (which does not see values) or a MatMul by a constant 2-D weight whose only reader is an
 Add of a constant ``[N_k]`` bias. Float types. A shared beta or bias initializer is
@@ -97,7 +96,7 @@ class FoldResidualBiasPass(NodeRewritePass):
         found = _biased_matmul(bias_add)
         if found is None:
             return False
-        matmul, _, b, b_index = found
+        matmul, _, b, _ = found
         if len(ln.outputs) > 1 and any(o.uses() for o in ln.outputs[1:]):
             return False  # mean / inv-std outputs would not move with beta
         axis = attr(ln, "axis", -1)
@@ -124,11 +123,7 @@ class FoldResidualBiasPass(NodeRewritePass):
             if k is None or k[0] is not user or k[1].shape[0] != b.shape[0]:
                 return False
             readers.append((k_add, k[1], k[2], k[3]))
-        # b must only be read here (it disappears from this Add).
-        b_value = bias_add.inputs[b_index]
-        if any(u is not bias_add for u, _ in b_value.uses()):
-            return False
-        b64 = b.astype(np.float64)
+        b64 = b.astype(np.float64)  # (b itself is not changed: a shared b may stay shared)
         new_beta = (beta.astype(np.float64) if beta is not None else np.zeros_like(b64)) + b64
         beta_value = make_const(self.names, ln, new_beta.astype(b.dtype), f"{ln.name or 'layernorm'}_beta")
         if len(ln.inputs) < 3:
