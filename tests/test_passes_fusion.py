@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.graph import all_nodes, op_histogram
 from onnxopt.passes import get_pass
+from onnxopt.testing import real_models as rm
 from onnxopt.verify import run_model
 
 RNG = np.random.default_rng(0)
@@ -659,15 +660,19 @@ def test_nan_guard_left_alone(kw):
     assert ops(out) == ops(m)
 
 
-def test_real_minilm_nan_guards_sink_and_outputs_stay_bitwise_equal():
+def _real_minilm_and_copy() -> tuple[ir.Model, ir.Model]:
+    """The real MiniLM export and a copy to rewrite (skips when the model is unavailable)."""
     from onnxopt.model_io import load_model
-    from onnxopt.testing import real_models as rm
 
     try:
         original = load_model(rm.minilm_model())
     except rm.RealModelUnavailable as e:
         pytest.skip(str(e))
-    out = ir.serde.deserialize_model(ir.serde.serialize_model(original))
+    return original, ir.serde.deserialize_model(ir.serde.serialize_model(original))
+
+
+def test_real_minilm_nan_guards_sink_and_outputs_stay_bitwise_equal():
+    original, out = _real_minilm_and_copy()
     sink = get_pass("sink-nan-guard").factory()
     sink(out)
     assert sink.rewrites == 6  # one per layer
@@ -739,14 +744,7 @@ def test_residual_bias_fold_copies_shared_biases():
 
 
 def test_real_minilm_residual_biases_fold():
-    from onnxopt.model_io import load_model
-    from onnxopt.testing import real_models as rm
-
-    try:
-        original = load_model(rm.minilm_model())
-    except rm.RealModelUnavailable as e:
-        pytest.skip(str(e))
-    out = ir.serde.deserialize_model(ir.serde.serialize_model(original))
+    original, out = _real_minilm_and_copy()
     for name in ("fold-residual-bias", "remove-unused"):
         p = get_pass(name).factory()
         p(out)
@@ -809,14 +807,7 @@ def test_key_bias_left_alone(kw):
 
 
 def test_real_minilm_key_biases_dropped():
-    from onnxopt.model_io import load_model
-    from onnxopt.testing import real_models as rm
-
-    try:
-        original = load_model(rm.minilm_model())
-    except rm.RealModelUnavailable as e:
-        pytest.skip(str(e))
-    out = ir.serde.deserialize_model(ir.serde.serialize_model(original))
+    original, out = _real_minilm_and_copy()
     for name in ("lift-constants", "fold-constants", "remove-unused"):  # the head Reshapes get constant targets
         get_pass(name).factory()(out)
     p = get_pass("drop-key-bias").factory()

@@ -93,6 +93,15 @@ def has_ref_attributes(node: ir.Node) -> bool:
     return any(a.is_ref() for a in node.attributes.values())
 
 
+def producer_op(value: ir.Value | None, *op_types: str) -> ir.Node | None:
+    """The standard-domain node of one of ``op_types`` that makes ``value``, or None (also
+    when one of its attributes refers to a function attribute: its semantics are unknown)."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type not in op_types or node.domain not in ("", "ai.onnx") or has_ref_attributes(node):
+        return None
+    return node
+
+
 def opset_of(model: ir.Model, graph: ir.Graph | ir.Function, domain: str = "") -> int | None:
     """Opset version in effect for ``graph`` (functions carry their own imports)."""
     imports = graph.opset_imports if isinstance(graph, ir.Function) else model.opset_imports

@@ -28,17 +28,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxopt.passes._fusion_util import NodeRewritePass, attr, const_array, sole_use
+from onnxopt.passes._fusion_util import NodeRewritePass, attr, const_array, producer_op, sole_use
 from onnxopt.passes.registry import register_pass
 
 _STD = ("", "ai.onnx")
-
-
-def _op(value: ir.Value | None, *op_types: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is None or node.domain not in _STD or node.op_type not in op_types:
-        return None
-    return node
 
 
 def _scalar_const(value: ir.Value | None) -> bool:
@@ -72,7 +65,7 @@ def _through_scalars(value: ir.Value, reader: ir.Node, allow_add: bool):
             continue
         if node.op_type == "Add" and allow_add and len(node.inputs) == 2:
             # The score side is the one that leads to the MatMul through scalars.
-            sides = [i for i in (0, 1) if _op(node.inputs[i], "MatMul", "Mul", "Div") is not None]
+            sides = [i for i in (0, 1) if producer_op(node.inputs[i], "MatMul", "Mul", "Div") is not None]
             if len(sides) != 1:
                 return None
             reader, value = node, node.inputs[sides[0]]
@@ -134,12 +127,12 @@ class DropKeyBiasPass(NodeRewritePass):
             return False
         if attr(reshape, "allowzero", 0) != 0:
             return False
-        bias_add = _op(reshape.inputs[0], "Add")
+        bias_add = producer_op(reshape.inputs[0], "Add")
         if bias_add is None or not _private(reshape.inputs[0], reshape) or len(bias_add.inputs) != 2:
             return False
         for b_index in (0, 1):
             bk = const_array(bias_add.inputs[b_index])
-            proj = _op(bias_add.inputs[1 - b_index], "MatMul")
+            proj = producer_op(bias_add.inputs[1 - b_index], "MatMul")
             if bk is None or proj is None:
                 continue
             wk = const_array(proj.inputs[1])

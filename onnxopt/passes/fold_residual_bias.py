@@ -29,37 +29,20 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._fusion_util import NodeRewritePass, attr, const_array, make_const, sole_use
+from onnxopt.passes._fusion_util import NodeRewritePass, attr, const_array, make_const, producer_op, sole_use
+from onnxopt.passes.fuse_bias import split_const_operand
 from onnxopt.passes.registry import register_pass
 
 _STD = ("", "ai.onnx")
 
 
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != op_type or node.domain not in _STD:
-        return None
-    return node
-
-
-def _const_and_other(node: ir.Node):
-    """(constant array, index of the other input) of a binary node, or None."""
-    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
-        return None
-    for i in (0, 1):
-        arr = const_array(node.inputs[i])
-        if arr is not None and const_array(node.inputs[1 - i]) is None:
-            return arr, 1 - i
-    return None
-
-
 def _biased_matmul(add: ir.Node):
     """(MatMul, weight, bias, bias input index) when ``add`` is MatMul(x, W) + b (W 2-D, b [N])."""
-    split = _const_and_other(add)
+    split = split_const_operand(add)
     if split is None:
         return None
-    bias, other = split
-    matmul = _producer(add.inputs[other], "MatMul")
+    x, bias, bias_index = split
+    matmul = producer_op(x, "MatMul")
     if matmul is None or sole_use(matmul.outputs[0]) is not add:
         return None
     w = const_array(matmul.inputs[1])
@@ -67,7 +50,7 @@ def _biased_matmul(add: ir.Node):
         return None
     if w.dtype.kind != "f" or bias.dtype != w.dtype:
         return None
-    return matmul, w, bias, 1 - other
+    return matmul, w, bias, bias_index
 
 
 @register_pass(
@@ -89,8 +72,8 @@ class FoldResidualBiasPass(NodeRewritePass):
 
     def _try(self, graph, residual: ir.Node, branch_index: int) -> bool:
         branch, ln_out = residual.inputs[branch_index], residual.inputs[1 - branch_index]
-        bias_add = _producer(branch, "Add")
-        ln = _producer(ln_out, "LayerNormalization")
+        bias_add = producer_op(branch, "Add")
+        ln = producer_op(ln_out, "LayerNormalization")
         if bias_add is None or ln is None or sole_use(branch) is not residual or ln_out.is_graph_output():
             return False
         found = _biased_matmul(bias_add)

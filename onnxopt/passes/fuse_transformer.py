@@ -44,6 +44,7 @@ from onnxopt.passes._fusion_util import (
     is_float_array,
     known_rank,
     make_const,
+    producer_op,
     remove_nodes,
     sole_use,
     take_over,
@@ -52,14 +53,7 @@ from onnxopt.passes.registry import register_pass
 
 
 def _prod(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    if value is None:
-        return None
-    p = value.producer()
-    if p is None or p.op_type != op_type or p.domain not in ("", "ai.onnx"):
-        return None
-    if any(a.is_ref() for a in p.attributes.values()):
-        return None
-    return p
+    return producer_op(value, op_type)
 
 
 def _scalar(value: ir.Value | None) -> float | None:

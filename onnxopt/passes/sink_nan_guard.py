@@ -31,17 +31,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxopt.passes._fusion_util import NodeRewritePass, attr, const_array, sole_use
+from onnxopt.passes._fusion_util import NodeRewritePass, attr, const_array, producer_op, sole_use, take_over
 from onnxopt.passes.registry import register_pass
 
 _STD = ("", "ai.onnx")
-
-
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != op_type or node.domain not in _STD:
-        return None
-    return node
 
 
 def _softmax_over_last_axis(node: ir.Node, opset: int) -> bool:
@@ -65,8 +58,8 @@ class SinkNanGuardPass(NodeRewritePass):
         if len(where.inputs) != 3:
             return False
         cond, zero, p = where.inputs
-        isnan = _producer(cond, "IsNaN")
-        softmax = _producer(p, "Softmax")
+        isnan = producer_op(cond, "IsNaN")
+        softmax = producer_op(p, "Softmax")
         if isnan is None or softmax is None or isnan.inputs[0] is not p:
             return False
         if sole_use(cond) is not where or not _softmax_over_last_axis(softmax, self.opset(graph) or 1):
@@ -92,11 +85,6 @@ class SinkNanGuardPass(NodeRewritePass):
         new_matmul = ir.node("MatMul", [p, matmul.inputs[1]], name=matmul.name or None, outputs=[unguarded])
         graph.insert_before(matmul, new_matmul)
         graph.insert_after(new_matmul, [new_isnan, new_where])
-        out = new_where.outputs[0]
-        if y.is_graph_output():
-            name = y.name
-            y.name = self.names.new(f"{name}_replaced")
-            out.name = name
-        y.replace_all_uses_with(out, replace_graph_outputs=True)
+        take_over(self.names, y, new_where.outputs[0])
         graph.remove([matmul, where, isnan], safe=True)
         return True
