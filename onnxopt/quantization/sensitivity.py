@@ -64,6 +64,16 @@ def _single_node_session(node: ir.Node, weight: np.ndarray, bias: np.ndarray | N
     return ort.InferenceSession(m.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
 
 
+def _saturation_bounds(model: ir.Model, layer: Layer) -> tuple[float, float]:
+    """The interval outside which a quantized output's readers saturate ((-inf, inf) when
+    they do not, or when a Relu / Clip is absorbed: that output is already the activation's)."""
+    from onnxopt.quantization import cnn
+
+    if not layer.out_range_tensor or layer.absorbed_activation:
+        return -np.inf, np.inf
+    return cnn.clamp_to_consumers(model, layer.out_range_tensor, -np.inf, np.inf)
+
+
 def layer_sqnr(
     model: ir.Model,
     layers: list[Layer],
@@ -81,6 +91,7 @@ def layer_sqnr(
         wanted.add(layer.act_input)
         wanted.add(layer.out_range_tensor or nodes[layer.name].outputs[0].name)
     sessions = {}
+    flat = {l.name: _saturation_bounds(model, l) for l in layers}
     for layer in layers:
         node = nodes[layer.name]
         w = model.graph.initializers[layer.weight].const_value.numpy().astype(np.float32)
@@ -100,7 +111,10 @@ def layer_sqnr(
             xq = fake_quant(x, *ranges[layer.act_input], scheme)
             y = sessions[layer.name].run(None, {"x": xq})[0]
             if layer.out_range_tensor:
-                ref = captured[layer.out_range_tensor]
+                # Read only by HardSwish / HardSigmoid: values past their flat part give the
+                # same output, so both sides are compared as those readers see them (the
+                # output grid is clamped there on purpose, cnn.clamp_to_consumers).
+                ref = np.clip(captured[layer.out_range_tensor], *flat[layer.name])
                 y = fake_quant(y, *ranges[layer.out_range_tensor], scheme)
             else:
                 ref = captured[nodes[layer.name].outputs[0].name]
