@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 THREADS = 2
-STEPS = ("plain", "hardswish", "affine_fold", "clamp", "mse", "glue", "float_stem", "convt_pair")
+STEPS = ("plain", "hardswish", "affine_fold", "clamp", "mse", "glue", "float_stem", "float_front", "convt_pair")
 LABELS = {
     "plain": "none of the CNN defaults (= the old defaults)",
     "hardswish": "+ hard-swish fused (opset 14)",
@@ -36,6 +36,7 @@ LABELS = {
     "mse": "+ MSE ranges on hard-swish outputs",
     "glue": "+ QDQ glue (QLinearAdd/Mul/Concat, uint8 Resize)",
     "float_stem": "+ float stem conv",
+    "float_front": "+ float high-resolution front (stride <= 8)",
     "convt_pair": "+ ConvTranspose pair fused = defaults",
     "cle": "defaults + cross-layer equalization (equalize=True)",
 }
@@ -60,7 +61,7 @@ def build(step: str, calib):
 
     on = set(STEPS[: STEPS.index(step) + 1]) if step in STEPS else set(STEPS)
     saved = (cnn.prepare_opset, cnn.clamp_to_consumers, cnn.tailed_activation_tensors, glue.find_glue,
-             cnn.float_stem_layers, cnn.fuse_convtranspose_pair, qdq.FOLD_SCALAR_AFFINE)
+             cnn.float_front_layers, cnn.fuse_convtranspose_pair, qdq.FOLD_SCALAR_AFFINE)
     try:
         if "hardswish" not in on:
             cnn.prepare_opset = lambda model, feed, report: model
@@ -72,7 +73,13 @@ def build(step: str, calib):
         if "glue" not in on:
             glue.find_glue = lambda model, layers: []
         if "float_stem" not in on:
-            cnn.float_stem_layers = lambda model, layers, feed=None: {}
+            cnn.float_front_layers = lambda model, layers, feed=None: {}
+        elif "float_front" not in on:  # the stem alone: the conv reading the image input
+            front = saved[4]
+            inputs = lambda model: {v.name for v in model.graph.inputs}  # noqa: E731
+            cnn.float_front_layers = lambda model, layers, feed=None: {
+                k: v for k, v in front(model, layers, feed).items()
+                if any(l.name == k and l.act_input in inputs(model) for l in layers)}
         if "convt_pair" not in on:
             cnn.fuse_convtranspose_pair = lambda model, ctx=None: "off"
         t = time.perf_counter()
@@ -80,7 +87,7 @@ def build(step: str, calib):
         return res.model, time.perf_counter() - t, res.report["ort_fused_kernels"]
     finally:
         (cnn.prepare_opset, cnn.clamp_to_consumers, cnn.tailed_activation_tensors, glue.find_glue,
-         cnn.float_stem_layers, cnn.fuse_convtranspose_pair, qdq.FOLD_SCALAR_AFFINE) = saved
+         cnn.float_front_layers, cnn.fuse_convtranspose_pair, qdq.FOLD_SCALAR_AFFINE) = saved
 
 
 def noise_floor(sets, refs, fp32_path) -> list[dict]:

@@ -181,7 +181,7 @@ def quantize(
     (:mod:`.range_search`; off: measured worse on MiniLM). ``equalize``: cross-layer
     equalization as the first float transform: True/"on", False/"off", "auto" (currently
     off, measured in :mod:`.cnn`, which also holds the other CNN defaults: hard-swish fusion
-    via opset 14, the float stem, the range rules).
+    via opset 14, the float high-resolution front, the range rules).
     """
     from onnxopt.calibration import collect_stats, load_calibration_data
     from onnxopt.optimize import optimize
@@ -251,7 +251,7 @@ def quantize(
     layers, skipped = analysis.find_layers(model, absorb_activations=not scheme.symmetric_activations)
     layers, excluded = analysis.apply_exclusions(model, layers, exclude)
     masks = analysis.mask_tensors(model)
-    float_reasons: dict[str, str] = {**excluded, **cnn.float_stem_layers(model, layers, first_feed)}
+    float_reasons: dict[str, str] = {**excluded, **cnn.float_front_layers(model, layers, first_feed)}
     kept = []
     for layer in layers:
         if layer.name in float_reasons:
