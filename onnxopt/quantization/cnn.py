@@ -341,7 +341,8 @@ def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = No
     gains little over its float one and the Quantize/Dequantize of the big tensors costs more:
     the stem reads a 3-channel image (a tiny reduction per output, plus an NHWC transpose of
     the full image) whose [-1, 1] values a uint8 grid cannot hold (half a grey level of error);
-    on det the float front measured 1.76x over fp32 against 1.63x with it in int8, same run.
+    on det the float front measured 1.76x over fp32 against 1.63x with it in int8 (warm, same
+    run; alternating with fp32, up to ~6% slower: float maps are 4x the bytes).
     See docs/quantization.md."""
     strides = front_strides(model, feed)
     if not strides:
