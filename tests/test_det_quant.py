@@ -212,6 +212,30 @@ def test_front_strides_stop_at_stride_16_a_gate_and_an_upsample():
     assert front_strides(model, {"x": np.zeros((1, 8, 128, 128), f)}) == {}  # 8 channels: not an image
 
 
+def test_a_network_that_stays_at_high_resolution_keeps_only_its_stem_float():
+    """Three stride-1 convs: all would be 'front'; int8 must still be what the user gets."""
+    from onnxopt.quantization import quantize
+
+    rng = np.random.default_rng(3)
+    f = np.float32
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(f), "w1"),
+             numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(f), "w2"),
+             numpy_helper.from_array((rng.standard_normal((3, 8, 3, 3)) * 0.3).astype(f), "w3")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("Conv", ["ra", "w2"], ["b"], pads=[1, 1, 1, 1], name="c2"),
+             helper.make_node("Relu", ["b"], ["rb"]),
+             helper.make_node("Conv", ["rb", "w3"], ["y"], pads=[1, 1, 1, 1], name="c3")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feeds = [{"x": rng.uniform(-1, 1, (1, 3, 64, 64)).astype(f)} for _ in range(4)]
+    res = quantize(ir.from_proto(proto), feeds, progress=False, sensitivity=False)
+    layers = res.report["layers"]
+    assert not layers["c1"]["quantized"] and "front" in layers["c1"]["reason"]
+    assert layers["c2"]["quantized"] and layers["c3"]["quantized"]
+
+
 def _lab_model():
     """conv1 -> decomposed hard-swish -> Mul(a) -> Add(b) -> padded 3x3 conv2 -> conv3 (12x12 input)."""
     rng = np.random.default_rng(0)

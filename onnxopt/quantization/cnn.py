@@ -343,18 +343,25 @@ def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = No
     the full image) whose [-1, 1] values a uint8 grid cannot hold (half a grey level of error);
     on det the float front measured 1.76x over fp32 against 1.63x with it in int8 (warm, same
     run; alternating with fp32, up to ~6% slower: float maps are 4x the bytes).
-    See docs/quantization.md."""
+    Where the front would be more than half of the Convs (a network that never leaves high
+    resolution), only the stem stays float. See docs/quantization.md."""
     strides = front_strides(model, feed)
     if not strides:
         return {}
     nodes = {n.name: n for n in model.graph}
+    convs = [l for l in layers if l.op_type == "Conv" and l.name in nodes]
+    front = [l for l in convs if nodes[l.name].outputs and nodes[l.name].outputs[0].name in strides]
+    inputs = {v.name for v in model.graph.inputs}
+    if 2 * len(front) > len(convs):
+        # A network that stays at high resolution (super-resolution, denoising, a shallow
+        # CNN): the front would be most of it, and int8 is what the user asked for. Only
+        # the stem stays float there, where float is also the faster kernel.
+        front = [l for l in front if l.act_input in inputs]
     out = {}
-    for layer in layers:
-        node = nodes.get(layer.name)
-        if layer.op_type != "Conv" or node is None or not node.outputs or node.outputs[0].name not in strides:
-            continue
-        out[layer.name] = (f"high-resolution front conv (stride {strides[node.outputs[0].name]} from the image "
-                           f"input; float is as fast and more accurate, see quantization/cnn.py)")
+    for layer in front:
+        stride = strides[nodes[layer.name].outputs[0].name]
+        out[layer.name] = (f"high-resolution front conv (stride {stride} from the image input; "
+                           f"float is as fast and more accurate, see quantization/cnn.py)")
     return out
 
 
