@@ -334,9 +334,9 @@ def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = No
     <= 8 of the image and reached from it through such layers only; the stem conv first).
 
     Accuracy: quantization noise added to the first, low-level feature maps is amplified by
-    everything after them. On PP-OCRv4 det (15 front convs of 64, the stem included) the plain-photo pooled mask
-    IoU rises from 0.84-0.90 to 0.94-0.96 over six calibration subsets, the text set's min
-    IoU from 0.86-0.93 to 0.95-0.96.
+    everything after them. On PP-OCRv4 det (15 front convs of 64, the stem included) the
+    plain-photo pooled mask IoU rises from 0.84-0.90 to 0.94-0.96 over six calibration
+    subsets, the text set's min IoU from 0.86-0.93 to 0.95-0.96.
     Speed: these convs have few channels (16-96) on large maps, where ONNX Runtime's int8 conv
     gains little over its float one and the Quantize/Dequantize of the big tensors costs more:
     the stem reads a 3-channel image (a tiny reduction per output, plus an NHWC transpose of
@@ -361,7 +361,7 @@ def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = No
     for layer in front:
         stride = strides[nodes[layer.name].outputs[0].name]
         out[layer.name] = (f"high-resolution front conv (stride {stride} from the image input; "
-                           f"float is as fast and more accurate, see quantization/cnn.py)")
+                           f"more accurate in float and about as fast; see quantization/cnn.py)")
     return out
 
 
