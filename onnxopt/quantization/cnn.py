@@ -328,6 +328,62 @@ def front_strides(model: ir.Model, feed: dict | None = None) -> dict[str, int]:
     return stride
 
 
+FRONT_MAX_MAC_SHARE = 0.25
+
+
+def _spatial_strides(model: ir.Model, image_inputs: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """{tensor name: (stride along H, along W) relative to the image input} for every tensor
+    whose spatial scale follows from the graph alone (convs, pools, resizes with constant
+    scales, DepthToSpace, elementwise ops; a broadcast takes its finest input)."""
+    inf = float("inf")
+    scale = {name: (1.0, 1.0) for name in image_inputs}
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        ins = [v for v in node.inputs if v is not None and v.name in scale]
+        if not ins:
+            continue
+        sy, sx = min(scale[v.name][0] for v in ins), min(scale[v.name][1] for v in ins)
+        op = node.op_type
+        if op in _FRONT_STRIDED or op == "ConvTranspose":
+            st = list(node.attributes.get_ints("strides", None) or [1, 1])
+            if len(st) != 2:
+                continue
+            sy, sx = (sy * st[0], sx * st[1]) if op != "ConvTranspose" else (sy / st[0], sx / st[1])
+        elif op in ("GlobalAveragePool", "GlobalMaxPool"):
+            sy = sx = inf
+        elif op in ("DepthToSpace", "SpaceToDepth"):
+            b = node.attributes.get_int("blocksize", 1)
+            sy, sx = (sy / b, sx / b) if op == "DepthToSpace" else (sy * b, sx * b)
+        elif op in ("Resize", "Upsample"):
+            factors = const_array(node.inputs[2] if op == "Resize" and len(node.inputs) > 2 else
+                                  node.inputs[1] if op == "Upsample" and len(node.inputs) > 1 else None)
+            if factors is None or factors.size != 4 or not np.all(factors > 0):
+                continue
+            sy, sx = sy / float(factors[2]), sx / float(factors[3])
+        elif op not in _FRONT_PASSTHROUGH + ("Concat",):
+            continue
+        for out in node.outputs:
+            scale[out.name] = (sy, sx)
+    return scale
+
+
+def _conv_macs(model: ir.Model, convs: Sequence[ir.Node], feed: dict, image: str) -> dict[str, float] | None:
+    """Multiply-accumulates of each conv on the calibration feed's image size, or None when
+    some conv's output resolution does not follow from the graph."""
+    h, w = (int(d) for d in np.shape(feed[image])[2:4])
+    scale = _spatial_strides(model, [image])
+    out = {}
+    for node in convs:
+        weight = ir.convenience.get_const_tensor(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
+        sy, sx = scale.get(node.outputs[0].name, (None, None))
+        if weight is None or sy is None:
+            return None
+        positions = max(h / sy, 1.0) * max(w / sx, 1.0)  # after a global pool: one position
+        out[node.name] = positions * float(np.prod(weight.shape))
+    return out
+
+
 def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = None) -> dict[str, str]:
     """{layer name: reason} for the Convs that stay float by default: the high-resolution front
     of a CNN on an image input (:func:`front_strides`: every Conv whose output is at stride
@@ -343,8 +399,11 @@ def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = No
     the full image) whose [-1, 1] values a uint8 grid cannot hold (half a grey level of error);
     on det the float front measured 1.76x over fp32 against 1.63x with it in int8 (warm, same
     run; alternating with fp32, up to ~6% slower: float maps are 4x the bytes).
-    Where the front would be more than half of the Convs (a network that never leaves high
-    resolution), only the stem stays float. See docs/quantization.md."""
+    Where the front holds more than :data:`FRONT_MAX_MAC_SHARE` of the Convs' multiply-adds
+    (det: 17.5%; a ResNet-50's stages to stride 8 hold ~44%, a network that never leaves high
+    resolution all of it), only the stem stays float; when the resolutions cannot be
+    followed through the graph, the test is "more than half of the Convs".
+    See docs/quantization.md."""
     strides = front_strides(model, feed)
     if not strides:
         return {}
@@ -352,10 +411,16 @@ def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = No
     convs = [l for l in layers if l.op_type == "Conv" and l.name in nodes]
     front = [l for l in convs if nodes[l.name].outputs and nodes[l.name].outputs[0].name in strides]
     inputs = {v.name for v in model.graph.inputs}
-    if 2 * len(front) > len(convs):
-        # A network that stays at high resolution (super-resolution, denoising, a shallow
-        # CNN): the front would be most of it, and int8 is what the user asked for. Only
-        # the stem stays float there, where float is also the faster kernel.
+    images = _image_inputs(model, feed)
+    macs = _conv_macs(model, [nodes[l.name] for l in convs], feed, images[0]) if len(images) == 1 else None
+    if macs is not None:
+        too_much = sum(macs[l.name] for l in front) > FRONT_MAX_MAC_SHARE * sum(macs.values())
+    else:
+        too_much = 2 * len(front) > len(convs)
+    if too_much:
+        # Where the front is much of the compute (a ResNet's wide early stages, a network
+        # that stays at high resolution), int8 is what the user asked for and pays off:
+        # only the stem stays float, where float is also the faster kernel.
         front = [l for l in front if l.act_input in inputs]
     out = {}
     for layer in front:
