@@ -400,7 +400,7 @@ def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = No
     on det the float front measured 1.76x over fp32 against 1.63x with it in int8 (warm, same
     run; alternating with fp32, up to ~6% slower: float maps are 4x the bytes).
     Where the front holds more than :data:`FRONT_MAX_MAC_SHARE` of the Convs' multiply-adds
-    (det: 17.5%; a ResNet-50's stages to stride 8 hold ~44%, a network that never leaves high
+    (det: 17.5%; a ResNet-50's stages to stride 8 hold 47%, a network that never leaves high
     resolution all of it), only the stem stays float; when the resolutions cannot be
     followed through the graph, the test is "more than half of the Convs".
     See docs/quantization.md."""
