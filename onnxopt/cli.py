@@ -23,6 +23,16 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)  # stderr messag
 out = Console(highlight=False, width=_WIDTH)
 
 
+def _float_reasons_summary(layers: dict) -> str:
+    """'15 high-resolution front conv, 2 excluded ...': the float layers counted by reason
+    (the reason's text before its parenthesised detail)."""
+    from collections import Counter
+
+    counts = Counter(v.get("reason", "float").split(" (")[0].split(":")[0].strip()
+                     for v in layers.values() if not v.get("quantized"))
+    return ", ".join(f"{n} {why}" for why, n in counts.most_common())
+
+
 def shape_option(f):
     return click.option(
         "--shape",
@@ -416,6 +426,9 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
     kernels = ", ".join(f"{k} x{v}" for k, v in rep["ort_fused_kernels"].items()) or "none"
     out.print(f"{output}: {rep['quantized_layers']} layers int8, {rep['float_layers']} float ({rep['scheme']})")
     out.print(f"ONNX Runtime kernels: {kernels}")
+    why_float = _float_reasons_summary(rep["layers"])
+    if why_float:
+        out.print(f"kept float: {why_float}" + ("" if report_path else " (each layer's reason: --report FILE)"))
     if rep["calibration"]["is_random"]:
         console.print("onnxopt: warning: calibrated on random data (a smoke test): ranges do not reflect real inputs")
     if "fallback" in rep:

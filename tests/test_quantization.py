@@ -297,6 +297,10 @@ def test_cli_bad_inputs(small_cnn, tmp_path, capsys):
         assert not out.exists()
     code, err = _cli(capsys, path, "-o", out, "--calib", npz, "--report", tmp_path / "r.json")
     assert code == 0 and out.exists() and json.loads((tmp_path / "r.json").read_text())["quantized_layers"] == 2
+    # The summary says why layers stayed float.
+    capsys.readouterr()
+    assert main(["quantize", str(path), "-o", str(out), "--calib", str(npz), "--exclude", "conv2", "--quiet"]) == 0
+    assert "kept float: 1 excluded by the user (each layer's reason: --report FILE)" in capsys.readouterr().out
     # An already quantized model is refused.
     code, err = _cli(capsys, out, "-o", tmp_path / "qq.onnx", "--calib", npz)
     assert code == 2 and "already quantized" in err and not (tmp_path / "qq.onnx").exists()
