@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from onnxopt.graph import all_nodes, opset_version
 from onnxopt.passes._fusion_util import const_array
+from onnxopt.quantization import glue
 from onnxopt.quantization.analysis import ORIGIN_KEY, ORIGIN_OP_KEY
 
 __all__ = [
@@ -282,11 +283,6 @@ _FRONT_STRIDED = ("Conv", "MaxPool", "AveragePool")
 _FRONT_PASSTHROUGH = _POINTWISE + ("Add", "Mul", "Sub", "Div", "BatchNormalization", "Identity", "PRelu")
 
 
-def _is_constant(value: ir.Value) -> bool:
-    producer = value.producer()
-    return value.const_value is not None or (producer is not None and producer.op_type == "Constant")
-
-
 def _image_inputs(model: ir.Model, feed: dict | None) -> list[str]:
     """Graph inputs that are images in the calibration ``feed``: 4-D, <= 3 channels, at least
     :data:`STEM_MIN_PIXELS` pixels."""
@@ -306,13 +302,17 @@ def front_strides(model: ir.Model, feed: dict | None = None) -> dict[str, int]:
     elementwise ops alone, at a total stride of at most :data:`FRONT_MAX_STRIDE`. Anything
     else on the way (a resize, a global pool, a squeeze-excite gate, a reshape) ends the
     front, so a neck conv that mixes in upsampled deep features is never in it."""
-    stride = {name: 1 for name in _image_inputs(model, feed)}
+    return _front(model, _image_inputs(model, feed))
+
+
+def _front(model: ir.Model, images: Sequence[str]) -> dict[str, int]:
+    stride = {name: 1 for name in images}
     if not stride:
         return {}
     for node in model.graph:  # topological order
         if node.domain not in ("", "ai.onnx"):
             continue
-        ins = [v for v in node.inputs if v is not None and not _is_constant(v)]
+        ins = [v for v in node.inputs if v is not None and not glue.is_constant(v)]
         if not ins or any(v.name not in stride for v in ins):
             continue
         s = max(stride[v.name] for v in ins)
@@ -404,14 +404,14 @@ def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = No
     resolution all of it), only the stem stays float; when the resolutions cannot be
     followed through the graph, the test is "more than half of the Convs".
     See docs/quantization.md."""
-    strides = front_strides(model, feed)
+    images = _image_inputs(model, feed)
+    strides = _front(model, images)
     if not strides:
         return {}
     nodes = {n.name: n for n in model.graph}
     convs = [l for l in layers if l.op_type == "Conv" and l.name in nodes]
     front = [l for l in convs if nodes[l.name].outputs and nodes[l.name].outputs[0].name in strides]
     inputs = {v.name for v in model.graph.inputs}
-    images = _image_inputs(model, feed)
     macs = _conv_macs(model, [nodes[l.name] for l in convs], feed, images[0]) if len(images) == 1 else None
     if macs is not None:
         too_much = sum(macs[l.name] for l in front) > FRONT_MAX_MAC_SHARE * sum(macs.values())

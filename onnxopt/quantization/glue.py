@@ -36,7 +36,8 @@ class GlueNode:
     output: str
 
 
-def _is_const(value: ir.Value | None) -> bool:
+def is_constant(value: ir.Value | None) -> bool:
+    """An initializer, a constant-valued value or a Constant node's output."""
     return value is not None and (value.is_initializer() or value.const_value is not None
                                   or (value.producer() is not None and value.producer().op_type == "Constant"))
 
@@ -54,14 +55,14 @@ def find_glue(model: ir.Model, layers: Sequence) -> list[GlueNode]:
             continue
         if node.op_type == "Resize":
             data = node.inputs[0]
-            if data is None or _is_const(data) or data.dtype not in _FLOAT:
+            if data is None or is_constant(data) or data.dtype not in _FLOAT:
                 continue
             out.append(GlueNode(node.name, node.op_type, [(0, data.name)], y.name))
             continue
         if node.op_type in ("Add", "Mul") and len(node.inputs) != 2:
             continue
         ins = list(enumerate(node.inputs))
-        if any(v is None or _is_const(v) or v.dtype not in _FLOAT for _, v in ins):
+        if any(v is None or is_constant(v) or v.dtype not in _FLOAT for _, v in ins):
             continue
         out.append(GlueNode(node.name, node.op_type, [(i, v.name) for i, v in ins], y.name))
     return out
