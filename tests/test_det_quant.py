@@ -148,6 +148,28 @@ def test_clamp_to_hardswish_readers():
 
 
 
+def test_clamp_to_sigmoid_readers():
+    """Logits read only by a Sigmoid get a grid on +-17 (a float32 sigmoid is 1.0 or < 4e-8
+    beyond); a Swish (the logit also read by a Mul) keeps its full range."""
+    from onnxopt.quantization.cnn import SIGMOID_SATURATION, clamp_to_consumers
+
+    def conv_then(*readers):
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), *readers]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")])
+        return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]))
+
+    head = conv_then(helper.make_node("Sigmoid", ["c"], ["y"]))
+    assert clamp_to_consumers(head, "c", -160.0, 69.0) == (-SIGMOID_SATURATION, SIGMOID_SATURATION)
+    assert clamp_to_consumers(head, "c", -5.0, 30.0) == (-5.0, SIGMOID_SATURATION)
+    swish = conv_then(helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"]))
+    assert clamp_to_consumers(swish, "c", -160.0, 69.0) == (-160.0, 69.0)
+    x = np.array([-SIGMOID_SATURATION, SIGMOID_SATURATION], np.float32)
+    sig = 1 / (1 + np.exp(-x))
+    assert sig[1] == np.float32(1.0) and sig[0] < 5e-8  # the bound's premise, in float32
+
+
 def test_sensitivity_compares_a_clamped_output_as_its_hardsigmoid_sees_it():
     """A conv output read only by HardSigmoid is quantized on [-2.5, 2.5] on purpose (the
     flat parts outside give the same output); its SQNR must count what HardSigmoid sees,
