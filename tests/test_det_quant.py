@@ -246,12 +246,8 @@ def test_front_strides_stop_at_stride_16_a_gate_and_an_upsample():
     assert front_strides(model, {"x": np.zeros((1, 8, 128, 128), f)}) == {}  # 8 channels: not an image
 
 
-def test_a_network_that_stays_at_high_resolution_keeps_only_its_stem_float():
-    """Three stride-1 convs: all would be 'front' (all of the multiply-adds); int8 must still
-    be what the user gets. (A ResNet-50's stages to stride 8 are 47% of its multiply-adds:
-    with them float it measured 1.31x over fp32 against 1.71x, scratch run.)"""
-    from onnxopt.quantization import quantize
-
+def _stride1_cnn():
+    """Three stride-1 convs on a 64x64 image, and 4 calibration feeds."""
     rng = np.random.default_rng(3)
     f = np.float32
     inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(f), "w1"),
@@ -266,10 +262,39 @@ def test_a_network_that_stays_at_high_resolution_keeps_only_its_stem_float():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     feeds = [{"x": rng.uniform(-1, 1, (1, 3, 64, 64)).astype(f)} for _ in range(4)]
+    return proto, feeds
+
+
+def test_a_network_that_stays_at_high_resolution_keeps_only_its_stem_float():
+    """Three stride-1 convs: all would be 'front' (all of the multiply-adds); int8 must still
+    be what the user gets. (A ResNet-50's stages to stride 8 are 47% of its multiply-adds:
+    with them float it measured 1.31x over fp32 against 1.71x, scratch run.)"""
+    from onnxopt.quantization import quantize
+
+    proto, feeds = _stride1_cnn()
     res = quantize(ir.from_proto(proto), feeds, progress=False, sensitivity=False)
     layers = res.report["layers"]
     assert not layers["c1"]["quantized"] and "front" in layers["c1"]["reason"]
     assert layers["c2"]["quantized"] and layers["c3"]["quantized"]
+    # The user can switch the rule off: then the stem is int8 too.
+    res = quantize(ir.from_proto(proto), feeds, progress=False, sensitivity=False, float_front=False)
+    assert all(v["quantized"] for v in res.report["layers"].values())
+
+
+def test_cli_no_float_front(tmp_path, capsys):
+    from onnxopt.cli import main
+
+    proto, feeds = _stride1_cnn()
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib"
+    onnx.save(proto, src)
+    calib.mkdir()
+    for i, fd in enumerate(feeds):
+        np.savez(calib / f"{i}.npz", **fd)
+    for flag, kept in (("--float-front", "kept float: 1 high-resolution front conv"), ("--no-float-front", None)):
+        capsys.readouterr()
+        assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib), flag, "--quiet"]) == 0
+        out = capsys.readouterr().out
+        assert (kept in out) if kept else ("kept float" not in out and "3 layers int8, 0 float" in out), out
 
 
 def _lab_model():

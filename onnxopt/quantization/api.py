@@ -162,6 +162,7 @@ def quantize(
     holdout: int | None = None,
     range_search: bool = False,
     equalize: str | bool = "auto",
+    float_front: bool = True,
 ) -> QuantizeResult:
     """Quantize a float model to int8 QDQ for ``target``; see the module docstring.
 
@@ -181,7 +182,9 @@ def quantize(
     (:mod:`.range_search`; off: measured worse on MiniLM). ``equalize``: cross-layer
     equalization as the first float transform: True/"on", False/"off", "auto" (currently
     off, measured in :mod:`.cnn`, which also holds the other CNN defaults: hard-swish fusion
-    via opset 14, the float high-resolution front, the range rules).
+    via opset 14, the float high-resolution front, the range rules). ``float_front``: keep a
+    CNN's high-resolution front convs float (:func:`.cnn.float_front_layers`; more accurate,
+    and on ONNX Runtime's CPU provider about as fast); False quantizes them too.
     """
     from onnxopt.calibration import collect_stats, load_calibration_data
     from onnxopt.optimize import optimize
@@ -251,7 +254,8 @@ def quantize(
     layers, skipped = analysis.find_layers(model, absorb_activations=not scheme.symmetric_activations)
     layers, excluded = analysis.apply_exclusions(model, layers, exclude)
     masks = analysis.mask_tensors(model)
-    float_reasons: dict[str, str] = {**excluded, **cnn.float_front_layers(model, layers, first_feed)}
+    front = cnn.float_front_layers(model, layers, first_feed) if float_front else {}
+    float_reasons: dict[str, str] = {**excluded, **front}
     kept = []
     for layer in layers:
         if layer.name in float_reasons:
