@@ -380,6 +380,13 @@ def test_layernorm(opset, square, fuses):
     assert_same(m, out, {"x": rand(2, 5, 16)})
 
 
+@pytest.mark.parametrize("eps", [np.nan, np.inf, -1e-5])
+def test_layernorm_with_an_invalid_epsilon_is_left_alone(eps):
+    # LayerNormalization needs a finite epsilon >= 0 (ORT refuses to load it otherwise).
+    m = model(_layernorm_nodes(), [("x", F, ["B", "S", 16])], [("y", F, None)], {**LN_INITS, "eps": np.array(eps, np.float32)})
+    assert ops(run_passes(m, "fuse-layernorm")) == ops(m)
+
+
 def _gelu_nodes(form):
     if form == "erf":
         return [helper.make_node("Div", ["x", "sqrt2"], ["a"]), helper.make_node("Erf", ["a"], ["e"]),

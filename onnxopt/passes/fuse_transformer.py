@@ -12,7 +12,7 @@ This is the definition of LayerNormalization over the last axis (biased variance
 inside the square root), so the result differs by float rounding only. Conditions: both
 ReduceMeans reduce exactly the last axis (``[-1]``, or ``[rank-1]`` with the rank known) with
 ``keepdims = 1``, as attribute (opset < 18) or constant input (opset >= 18); ``eps`` a constant
-scalar read from the graph; the exponent exactly 2; gamma/beta constants with one entry per
+scalar read from the graph, finite and >= 0; the exponent exactly 2; gamma/beta constants with one entry per
 element of the last axis (or a scalar when that size is known) whose rank does not exceed
 x's; every intermediate feeds only the pattern and is not a graph output; float types.
 
@@ -204,7 +204,9 @@ class FuseLayerNormPass(_Fusion):
         eps = _scalar(split[0])
         var = split[1]
         rm2 = _prod(var, "ReduceMean")
-        if eps is None or rm2 is None:
+        # LayerNormalization's epsilon must be a finite number >= 0 (ONNX Runtime refuses
+        # the model otherwise); a NaN, inf or negative eps stays in the decomposed form.
+        if eps is None or not math.isfinite(eps) or eps < 0 or rm2 is None:
             return None
         sq = rm2.inputs[0].producer() if rm2.inputs[0] is not None else None
         if sq is None or sq.domain not in ("", "ai.onnx"):
