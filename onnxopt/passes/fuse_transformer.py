@@ -12,9 +12,10 @@ This is the definition of LayerNormalization over the last axis (biased variance
 inside the square root), so the result differs by float rounding only. Conditions: both
 ReduceMeans reduce exactly the last axis (``[-1]``, or ``[rank-1]`` with the rank known) with
 ``keepdims = 1``, as attribute (opset < 18) or constant input (opset >= 18); ``eps`` a constant
-scalar read from the graph, finite and >= 0; the exponent exactly 2; gamma/beta constants with one entry per
-element of the last axis (or a scalar when that size is known) whose rank does not exceed
-x's; every intermediate feeds only the pattern and is not a graph output; float types.
+scalar read from the graph, finite and >= 0; the exponent exactly 2; gamma/beta constants
+with one entry per element of the last axis (or a scalar when that size is known) whose rank
+does not exceed x's; every intermediate feeds only the pattern and is not a graph output;
+float types.
 
 ``fuse-gelu`` (opset >= 20, where Gelu exists)::
 
