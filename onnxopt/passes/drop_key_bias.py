@@ -29,6 +29,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxopt.passes._fusion_util import NodeRewritePass, attr, const_array, producer_op, sole_use
+from onnxopt.passes.fold_residual_bias import biased_matmul
 from onnxopt.passes.registry import register_pass
 
 _STD = ("", "ai.onnx")
@@ -130,24 +131,17 @@ class DropKeyBiasPass(NodeRewritePass):
         bias_add = producer_op(reshape.inputs[0], "Add")
         if bias_add is None or not _private(reshape.inputs[0], reshape) or len(bias_add.inputs) != 2:
             return False
-        for b_index in (0, 1):
-            bk = const_array(bias_add.inputs[b_index])
-            proj = producer_op(bias_add.inputs[1 - b_index], "MatMul")
-            if bk is None or proj is None:
-                continue
-            wk = const_array(proj.inputs[1])
-            if wk is None or wk.ndim != 2 or bk.ndim != 1 or bk.shape[0] != wk.shape[1]:
-                continue
-            # The tokens axis must come through the Reshape as axis 1: copied ([0, 0, ...]:
-            # the bias varies along the input's last axis only, never axis 1), or inferred by
-            # -1 from a rank-3 [batch, tokens, heads * d] input.
-            x_shape = proj.inputs[0].shape
-            if (t[0], t[1]) != (0, 0) and not (x_shape is not None and len(x_shape) == 3
-                                               and bk.shape[0] == t[2] * t[3]):
-                continue
-            if not _private(proj.outputs[0], bias_add):
-                continue
-            reshape.replace_input_with(0, proj.outputs[0])
-            graph.remove(bias_add, safe=True)
-            return True
-        return False
+        found = biased_matmul(bias_add)
+        if found is None:
+            return False
+        proj, _, bk, _ = found
+        # The tokens axis must come through the Reshape as axis 1: copied ([0, 0, ...]: the
+        # bias varies along the input's last axis only, never axis 1), or inferred by -1 from
+        # a rank-3 [batch, tokens, heads * d] input.
+        x_shape = proj.inputs[0].shape
+        if (t[0], t[1]) != (0, 0) and not (x_shape is not None and len(x_shape) == 3
+                                           and bk.shape[0] == t[2] * t[3]):
+            return False
+        reshape.replace_input_with(0, proj.outputs[0])
+        graph.remove(bias_add, safe=True)
+        return True

@@ -36,7 +36,7 @@ from onnxopt.passes.registry import register_pass
 _STD = ("", "ai.onnx")
 
 
-def _biased_matmul(add: ir.Node):
+def biased_matmul(add: ir.Node):
     """(MatMul, weight, bias, bias input index) when ``add`` is MatMul(x, W) + b (W 2-D, b [N])."""
     split = split_const_operand(add)
     if split is None:
@@ -76,7 +76,7 @@ class FoldResidualBiasPass(NodeRewritePass):
         ln = producer_op(ln_out, "LayerNormalization")
         if bias_add is None or ln is None or sole_use(branch) is not residual or ln_out.is_graph_output():
             return False
-        found = _biased_matmul(bias_add)
+        found = biased_matmul(bias_add)
         if found is None:
             return False
         matmul, _, b, _ = found
@@ -102,7 +102,7 @@ class FoldResidualBiasPass(NodeRewritePass):
             if user.op_type != "MatMul" or user.domain not in _STD or index != 0:
                 return False
             k_add = sole_use(user.outputs[0])
-            k = _biased_matmul(k_add) if k_add is not None and k_add.op_type == "Add" and k_add.domain in _STD else None
+            k = biased_matmul(k_add) if k_add is not None and k_add.op_type == "Add" and k_add.domain in _STD else None
             if k is None or k[0] is not user or k[1].shape[0] != b.shape[0]:
                 return False
             readers.append((k_add, k[1], k[2], k[3]))
