@@ -907,8 +907,6 @@ def _bcast_dim(a, b):
         return b
     if isinstance(b, int) and b == 1:
         return a
-    if isinstance(a, int) and isinstance(b, int):
-        return a if a == b else None
     return a if a == b else None
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxopt.passes._fusion_util import NodeRewritePass, attr, remove_nodes, take_over
-from onnxopt.passes.fuse_transformer import _close, _const_and_other, _only_for, _prod, _scalar
+from onnxopt.passes._fusion_util import NodeRewritePass, attr, producer_op, remove_nodes, take_over
+from onnxopt.passes.fuse_transformer import _close, _const_and_other, _only_for, _scalar
 from onnxopt.passes.registry import register_pass
 
 
@@ -61,7 +61,7 @@ class FuseHardSwishPass(NodeRewritePass):
         if len(node.inputs) != 2:
             return None
         for x, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
-            hsig = _prod(other, "HardSigmoid")
+            hsig = producer_op(other, "HardSigmoid")
             if hsig is None or hsig.inputs[0] is not x or not _only_for(other, node):
                 continue
             if _close(float(attr(hsig, "alpha", 0.2)), 1 / 6, 1e-6) and _close(float(attr(hsig, "beta", 0.5)), 0.5, 1e-6):
@@ -79,11 +79,11 @@ class FuseHardSwishPass(NodeRewritePass):
                 return None
         elif not _close(k, 1 / 6, 1e-6):
             return None
-        mul = _prod(split[1], "Mul")
+        mul = producer_op(split[1], "Mul")
         if mul is None or len(mul.inputs) != 2 or not _only_for(split[1], node):
             return None
         for x, c in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
-            clip = _prod(c, "Clip")
+            clip = producer_op(c, "Clip")
             if clip is None or not _only_for(c, mul):
                 continue
             if len(clip.inputs) >= 3:
@@ -92,7 +92,7 @@ class FuseHardSwishPass(NodeRewritePass):
                 lo, hi = attr(clip, "min"), attr(clip, "max")
             if lo is None or hi is None or lo != 0.0 or not _close(float(hi), 6.0, 1e-6):
                 continue
-            add = _prod(clip.inputs[0], "Add")
+            add = producer_op(clip.inputs[0], "Add")
             if add is None or not _only_for(clip.inputs[0], clip):
                 continue
             add_split = _const_and_other(add)

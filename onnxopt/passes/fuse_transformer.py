@@ -53,10 +53,6 @@ from onnxopt.passes._fusion_util import (
 from onnxopt.passes.registry import register_pass
 
 
-def _prod(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    return producer_op(value, op_type)
-
-
 def _scalar(value: ir.Value | None) -> float | None:
     arr = const_array(value)
     if arr is None or arr.size != 1 or arr.dtype.kind != "f":
@@ -189,14 +185,14 @@ class FuseLayerNormPass(_Fusion):
         else:
             if len(node.inputs) != 2:
                 return None
-            recip = _prod(node.inputs[1], "Reciprocal") or _prod(node.inputs[0], "Reciprocal")
+            recip = producer_op(node.inputs[1], "Reciprocal") or producer_op(node.inputs[0], "Reciprocal")
             if recip is None:
                 return None
             d = node.inputs[0] if recip.outputs[0] is node.inputs[1] else node.inputs[1]
             std = recip.inputs[0]
-        sqrt = _prod(std, "Sqrt")
-        add = _prod(sqrt.inputs[0] if sqrt else None, "Add")
-        sub = _prod(d, "Sub")
+        sqrt = producer_op(std, "Sqrt")
+        add = producer_op(sqrt.inputs[0] if sqrt else None, "Add")
+        sub = producer_op(d, "Sub")
         if sqrt is None or add is None or sub is None:
             return None
         split = _const_and_other(add)
@@ -204,7 +200,7 @@ class FuseLayerNormPass(_Fusion):
             return None
         eps = _scalar(split[0])
         var = split[1]
-        rm2 = _prod(var, "ReduceMean")
+        rm2 = producer_op(var, "ReduceMean")
         # LayerNormalization's epsilon must be a finite number >= 0 (ONNX Runtime refuses
         # the model otherwise); a NaN, inf or negative eps stays in the decomposed form.
         if eps is None or not math.isfinite(eps) or eps < 0 or rm2 is None:
@@ -221,7 +217,7 @@ class FuseLayerNormPass(_Fusion):
         else:
             return None
         x, mean = sub.inputs
-        rm1 = _prod(mean, "ReduceMean")
+        rm1 = producer_op(mean, "ReduceMean")
         if rm1 is None or rm1.inputs[0] is not x:
             return None
         rank = known_rank(x)
@@ -298,7 +294,7 @@ class FuseGeluPass(_Fusion):
         """Ways to see ``node`` as a product of three factors: (factors, inner Mul)."""
         a, b = node.inputs
         for outer, other in ((a, b), (b, a)):
-            inner = _prod(other, "Mul")
+            inner = producer_op(other, "Mul")
             if inner is not None and len(inner.inputs) == 2:
                 yield [outer, inner.inputs[0], inner.inputs[1]], inner
 
@@ -310,19 +306,19 @@ class FuseGeluPass(_Fusion):
         rest = list(factors)
         rest.remove(half[0])
         for x, b in ((rest[0], rest[1]), (rest[1], rest[0])):
-            add = _prod(b, "Add")
+            add = producer_op(b, "Add")
             if add is None:
                 continue
             split = _const_and_other(add)
             if split is None or not _close(_scalar(split[0]), 1.0):
                 continue
             inner = split[1]
-            erf = _prod(inner, "Erf")
+            erf = producer_op(inner, "Erf")
             if erf is not None:
                 nodes = self._erf_branch(erf, x)
                 if nodes is not None and self._private(b, inner, nodes):
                     return x, False, [add, erf, *nodes]
-            tanh = _prod(inner, "Tanh")
+            tanh = producer_op(inner, "Tanh")
             if tanh is not None:
                 nodes = self._tanh_branch(tanh, x)
                 if nodes is not None and self._private(b, inner, nodes):
@@ -342,12 +338,12 @@ class FuseGeluPass(_Fusion):
 
     @staticmethod
     def _erf_branch(erf: ir.Node, x: ir.Value) -> list[ir.Node] | None:
-        scaled = _prod(erf.inputs[0], "Div")
+        scaled = producer_op(erf.inputs[0], "Div")
         if scaled is not None:
             if scaled.inputs[0] is x and _close(_scalar(scaled.inputs[1]), _SQRT2):
                 return [scaled]
             return None
-        scaled = _prod(erf.inputs[0], "Mul")
+        scaled = producer_op(erf.inputs[0], "Mul")
         if scaled is not None:
             split = _const_and_other(scaled)
             if split is not None and split[1] is x and _close(_scalar(split[0]), 1 / _SQRT2):
@@ -356,15 +352,15 @@ class FuseGeluPass(_Fusion):
 
     @staticmethod
     def _tanh_branch(tanh: ir.Node, x: ir.Value) -> list[ir.Node] | None:
-        s = _prod(tanh.inputs[0], "Mul")
+        s = producer_op(tanh.inputs[0], "Mul")
         split = _const_and_other(s) if s is not None else None
         if split is None or not _close(_scalar(split[0]), _SQRT_2_OVER_PI):
             return None
-        r = _prod(split[1], "Add")
+        r = producer_op(split[1], "Add")
         if r is None or len(r.inputs) != 2:
             return None
         q_val = r.inputs[1] if r.inputs[0] is x else (r.inputs[0] if r.inputs[1] is x else None)
-        q = _prod(q_val, "Mul")
+        q = producer_op(q_val, "Mul")
         split = _const_and_other(q) if q is not None else None
         if split is None or not _close(_scalar(split[0]), 0.044715):
             return None
@@ -375,7 +371,7 @@ class FuseGeluPass(_Fusion):
             return [s, r, q, cube]
         if cube.op_type == "Mul":
             a, b = cube.inputs
-            sq = _prod(a if b is x else b if a is x else None, "Mul")
+            sq = producer_op(a if b is x else b if a is x else None, "Mul")
             if sq is not None and sq.inputs[0] is x and sq.inputs[1] is x:
                 return [s, r, q, cube, sq]
         return None
