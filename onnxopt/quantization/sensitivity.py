@@ -111,9 +111,10 @@ def layer_sqnr(
             xq = fake_quant(x, *ranges[layer.act_input], scheme)
             y = sessions[layer.name].run(None, {"x": xq})[0]
             if layer.out_range_tensor:
-                # Read only by HardSwish / HardSigmoid: values past their flat part give the
-                # same output, so both sides are compared as those readers see them (the
-                # output grid is clamped there on purpose, cnn.clamp_to_consumers).
+                # Read only by saturating ops (HardSwish, HardSigmoid, Sigmoid): values past
+                # where they saturate give the same output, so both sides are compared as those
+                # readers see them (the output grid is clamped there on purpose,
+                # cnn.clamp_to_consumers).
                 ref = np.clip(captured[layer.out_range_tensor], *flat[layer.name])
                 y = fake_quant(y, *ranges[layer.out_range_tensor], scheme)
             else:
