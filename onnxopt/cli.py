@@ -60,6 +60,7 @@ def cli(verbose: bool) -> None:
     \b
     onnxopt optimize model.onnx -o model.opt.onnx   graph rewrites, verified against the original
     onnxopt quantize model.onnx -o model.int8.onnx --calib DATA   static int8 (QDQ)
+    onnxopt prune model.onnx -o model.pruned.onnx --ratio 0.25   structured channel pruning
     onnxopt bench model.onnx model.opt.onnx         interleaved latency, speedup with an interval
     onnxopt compare model.onnx model.opt.onnx       same answers? per-output errors
     onnxopt inspect model.onnx                      opsets, inputs, op histogram, parameters
@@ -438,6 +439,53 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
         fb = rep["fallback"]
         out.print(f"output drop (1 - cosine, held-out calibration samples): {fb['before']:.4f} -> {fb['after']:.4f}"
                   + (f", {len(fb['to_float'])} layer(s) back to float" if fb["to_float"] else ""))
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the pruned model.")
+@click.option("--ratio", required=True, type=float, metavar="R",
+              help="Fraction of the channels to remove from every prunable channel group (0 < R < 1).")
+@click.option("--calib", metavar="DATA",
+              help="Calibration data (as for 'onnxopt quantize'): ranks channels by their activations and refits the "
+                   "layers that read pruned channels by least squares. Without it: weight-magnitude ranking, no refit.")
+@click.option("--samples", type=int, help="Use only the first N calibration samples.")
+@click.option("--image-size", metavar="HxW", help="Image calibration: resize to HxW, [-1,1] normalised RGB NCHW; see --image-spec.")
+@click.option("--image-spec", metavar="SPEC", help="Image preprocessing, e.g. '640x640,mean=0.5,std=0.5,bgr,nchw'.")
+@click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep the output channels of this node (name) or op type (repeatable).")
+@click.option("--multiple", default=8, show_default=True, type=int,
+              help="Round each group's kept channel count up to a multiple of this (SIMD-friendly widths; 1 = exact ratio).")
+@click.option("--no-refit", is_flag=True, help="With --calib: rank by activations but do not refit the reading layers.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (groups, parameters, output error) as JSON.")
+@shape_option
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+def prune(model, output, ratio, calib, samples, image_size, image_spec, exclude, multiple, no_refit, report_path, shapes,
+          quiet) -> None:
+    """Structured channel pruning: remove channels (whole filters) so the model is smaller and
+    faster on every runtime.
+
+    Channels tied together (residual Adds, depthwise convs, Concat, squeeze-excite) are removed
+    together. No retraining: the output error is measured and printed; a detector or
+    classifier usually needs --calib (and a modest --ratio) to stay close to the original.
+    """
+    from onnxopt.inputs import parse_shape_specs
+    from onnxopt.pruning import prune_file
+
+    if image_size and image_spec:
+        raise OnnxoptError("give either --image-size or --image-spec, not both")
+    if (samples or image_size or image_spec or no_refit) and not calib:
+        raise OnnxoptError("--samples, --image-size, --image-spec and --no-refit need --calib")
+    spec = image_spec or (f"{image_size},mean=0.5,std=0.5" if image_size else None)
+    result = prune_file(model, output, ratio=ratio, calib=calib, samples=samples, image_spec=spec, exclude=exclude,
+                        multiple=multiple, reconstruct=not no_refit, report=report_path,
+                        shapes=parse_shape_specs(shapes) or None, progress=not quiet)
+    rep = result.report
+    pb, pa = rep["params_before"], rep["params_after"]
+    out.print(f"{output}: {rep['spaces_pruned']} channel groups pruned ({rep['channels_before']} -> {rep['channels_after']} "
+              f"channels), parameters {pb:,} -> {pa:,} ({pa / max(pb, 1):.0%}); ranking: {rep['ranking']}"
+              + (f"; {len(rep['refit_layers'])} layers refit" if rep["refit_layers"] else ""))
+    for name, d in rep["outputs_vs_original"].items():
+        out.print(f"output {name} vs the original ({rep['evaluated_on']}): cosine min {d['cosine_min']:.4f}, max abs error {d['max_abs']:.4g}")
 
 
 def _write_json(path: str, data) -> None:

@@ -1,0 +1,462 @@
+"""Structured channel pruning: remove a fraction of the channels of every prunable channel
+space (:mod:`.groups`), so every runtime runs a smaller model, not a sparse one.
+
+Pipeline (:func:`prune`):
+
+1. The float ``default`` optimize pipeline (BatchNorm and per-channel affines folded into
+   the convs), so the channel structure is what the convs hold.
+2. Channel spaces (:func:`.groups.find_channel_spaces`). A space is pruned when nothing pins
+   it, some Conv produces it and some Conv/Gemm/MatMul reads it; ``exclude`` pins the spaces
+   a named node (or op type) produces.
+3. How many channels stay: ``ceil(C * (1 - ratio))`` rounded up to a multiple of
+   ``multiple`` (8: SIMD-friendly widths; 1: exact), never all of them.
+4. Which: each channel's contribution to the layers that read it, ``||W_read[:, c]|| *
+   rms(x_c)`` (the reader's weight column times the channel's root-mean-square activation on
+   the calibration data), normalised per reader and summed over the readers. Without
+   calibration data the activation term is the producers' filter norm ``||W_prod[c]||``
+   instead (data-free magnitude ranking, Li et al. 2017).
+5. Every tensor that holds the channels is cut: producers' filters and biases, depthwise
+   filters (and their ``group``), per-channel constants, readers' input columns.
+6. With calibration data, each reader whose input lost channels is refit by least squares
+   on the channels it keeps (He et al. 2017, "Channel Pruning for Accelerating Very Deep
+   Neural Networks"): its new weight and bias minimise the error of its output against the
+   original layer's output, over im2col patches of its input sampled from the calibration
+   data: ``[W'_K, db] = argmin E[(W'_K x_K + db - W x)^2]``, solved from the input's second
+   moments (ridge 1e-5 of the mean diagonal), where there are at least 4 sampled rows per
+   unknown (not for a conv after a global pool with few samples). No retraining: good for
+   moderate ratios.
+7. The ONNX checker, an ONNX Runtime session, and the outputs against the original model on
+   evaluation feeds (cosine and max abs per output), all in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.pruning.groups import ChannelSpace, Use, find_channel_spaces
+
+__all__ = ["PruneResult", "prune", "prune_file"]
+
+_MAX_LS_FEATURES = 4608  # a reader's im2col width (C * kh * kw) above which it is only cut
+_RIDGE = 1e-5
+_MIN_SAMPLES_PER_FEATURE = 4  # least-squares rows per unknown, else no refit
+
+
+@dataclasses.dataclass
+class PruneResult:
+    model: ir.Model
+    report: dict
+
+
+def _say(progress, msg: str) -> None:
+    if progress:
+        import sys
+
+        print(f"onnxopt prune: {msg}", file=sys.stderr, flush=True)
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    t = ir.convenience.get_const_tensor(value)
+    return None if t is None else t.numpy()
+
+
+def _keep_count(channels: int, ratio: float, multiple: int) -> int:
+    keep = math.ceil(channels * (1.0 - ratio))
+    if multiple > 1:
+        keep = math.ceil(keep / multiple) * multiple
+    return max(1, min(channels, keep))
+
+
+def _segment_offset(use: Use, space: ChannelSpace) -> list[tuple[int, int]]:
+    return [(s.offset, s.size) for s in use.layout if s.space.root() is space]
+
+
+def _column_norms(arr: np.ndarray, axis: int) -> np.ndarray:
+    moved = np.moveaxis(np.asarray(arr, np.float64), axis, 0)
+    return np.sqrt((moved.reshape(moved.shape[0], -1) ** 2).sum(axis=1))
+
+
+def _prunable(space: ChannelSpace) -> str | None:
+    if space.pinned:
+        return space.pinned[0]
+    if not space.producers:
+        return "no conv produces it"
+    if not space.consumers:
+        return "no conv or matmul reads it"
+    return None
+
+
+def _channel_scores(space: ChannelSpace, rms: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """Importance of each of ``space``'s channels (see the module docstring, step 4)."""
+    c = space.channels
+    score = np.zeros(c)
+    prod = np.zeros(c)
+    for use in space.uses:
+        if use.kind == "produce" and use.index == 1:
+            n = _column_norms(_const(use.node.inputs[1]), use.axis)
+            prod += n / max(n.mean(), 1e-30)
+    for use in space.uses:
+        if use.kind != "consume":
+            continue
+        w = _const(use.node.inputs[use.index])
+        norms = _column_norms(w, use.axis)
+        x_name = use.node.inputs[0].name
+        for off, size in _segment_offset(use, space):
+            col = norms[off:off + size]
+            act = rms[x_name][off:off + size] if rms is not None and x_name in rms else None
+            contrib = col * (act if act is not None else prod)
+            score += contrib / max(contrib.mean(), 1e-30)
+    return score
+
+
+def _channel_rms(model: ir.Model, feeds, tensors: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-channel (axis 1) root-mean-square of ``tensors`` over ``feeds``, one pass."""
+    from onnxopt.quantization.qdq import with_outputs
+    from onnxopt.verify import make_session
+
+    sess = make_session(with_outputs(model, tensors))
+    sq: dict[str, np.ndarray] = {}
+    cnt: dict[str, int] = {}
+    try:
+        for feed in feeds:
+            out = sess.run(dict(feed))
+            for t in tensors:
+                a = np.asarray(out[t], np.float64)
+                a = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+                sq[t] = sq.get(t, 0) + (a ** 2).sum(axis=1)
+                cnt[t] = cnt.get(t, 0) + a.shape[1]
+    finally:
+        sess.close()
+    return {t: np.sqrt(sq[t] / max(cnt[t], 1)) for t in sq}
+
+
+def _features(node: ir.Node, x: np.ndarray, geo, max_positions: int, seed: int) -> np.ndarray:
+    """The layer's input features, [D, P]: im2col patches of a Conv at ``max_positions``
+    positions drawn with ``seed`` (the same positions for the same spatial size), rows of a
+    Gemm/MatMul input."""
+    from onnxopt.quantization.rounding import im2col_sample
+
+    if node.op_type == "Conv":
+        cols = im2col_sample(x, geo, max_positions, np.random.default_rng(seed))  # C K P
+        return cols.reshape(-1, cols.shape[-1])
+    return np.asarray(x, np.float64).reshape(-1, x.shape[-1]).T
+
+
+def _gemm_trans_b(node: ir.Node) -> bool:
+    return node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+
+
+def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.Node], targets, out_index,
+                      feeds, max_positions: int, taken: set[str], progress) -> list[str]:
+    """Refit each of ``nodes`` (in graph order) by least squares on the input the pruned
+    ``model`` gives it, against the original layer's output on the original input at the
+    same im2col positions: ``min E[(W' x' + db - W x)^2]``. Later layers see the earlier
+    refits, so the error does not pile up through the network."""
+    from onnxopt.quantization.qdq import with_outputs
+    from onnxopt.quantization.rounding import _conv_geometry
+    from onnxopt.verify import make_session
+
+    feeds = list(feeds)
+    # The original inputs of every layer come from one session (kept for all steps: holding
+    # every layer's input of every feed would take GBs on a detector at 640x640).
+    orig_sess = make_session(with_outputs(original, sorted({n.inputs[0].name for n in nodes})))
+    done = []
+    try:
+        for step, node in enumerate(nodes):
+            w_full, _ = targets[node.name]
+            x_name = node.inputs[0].name
+            conv = node.op_type == "Conv"
+            geo = _conv_geometry(node, w_full.shape) if conv else None
+            sess = make_session(with_outputs(model, [x_name]))
+            hp = cpo = mp = mo = 0.0
+            count = 0
+            try:
+                for i, feed in enumerate(feeds):
+                    fo = _features(node, orig_sess.run(dict(feed))[x_name], geo, max_positions, 1000 * step + i)
+                    fp = _features(node, sess.run(dict(feed))[x_name], geo, max_positions, 1000 * step + i)
+                    hp = hp + fp @ fp.T
+                    cpo = cpo + fp @ fo.T
+                    mp = mp + fp.sum(axis=1)
+                    mo = mo + fo.sum(axis=1)
+                    count += fp.shape[1]
+            finally:
+                sess.close()
+            # The target: the original weight as [O, D], its output rows cut as in the model.
+            if conv:
+                w2 = w_full.reshape(w_full.shape[0], -1)
+            else:
+                w2 = w_full if _gemm_trans_b(node) else w_full.T
+            w2 = np.asarray(w2, np.float64)
+            rows = out_index.get(node.name)
+            if rows is not None:
+                w2 = w2[rows]
+            with_bias = node.op_type != "MatMul"
+            d = hp.shape[0]
+            if count < _MIN_SAMPLES_PER_FEATURE * (d + 1):
+                continue  # too few samples to fit d weights (a conv after a global pool): keep the cut
+            hp, cpo, mp, mo = hp / count, cpo / count, mp / count, mo / count
+            rhs = cpo @ w2.T
+            if with_bias:
+                a = np.zeros((d + 1, d + 1))
+                a[:d, :d] = hp
+                a[:d, d] = a[d, :d] = mp
+                a[d, d] = 1.0
+                rhs = np.vstack([rhs, mo @ w2.T])
+            else:
+                a = hp.copy()
+            a += _RIDGE * max(float(np.mean(np.diag(hp))), 1e-12) * np.eye(a.shape[0])
+            sol = np.linalg.solve(a, rhs)
+            cur = _const(node.inputs[1])
+            w_new = sol[:d].T  # O' x D'
+            if conv:
+                w_new = w_new.reshape(cur.shape)
+            elif not _gemm_trans_b(node):
+                w_new = w_new.T
+            _set_initializer(model, node, 1, w_new.astype(cur.dtype), taken)
+            if with_bias:
+                db = sol[d]
+                has_c = len(node.inputs) > 2 and node.inputs[2] is not None
+                if node.op_type == "Gemm":  # Y = alpha A B + beta C: the shift goes in as alpha db / beta
+                    alpha = node.attributes.get_float("alpha", 1.0)
+                    beta = node.attributes.get_float("beta", 1.0) if has_c else 0.0
+                    if beta == 0.0:
+                        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+                        beta, has_c = 1.0, False
+                    db = db * alpha / beta
+                b_cur = _const(node.inputs[2]) if has_c else None
+                base = np.zeros(len(db)) if b_cur is None else np.broadcast_to(np.asarray(b_cur, np.float64).reshape(-1), (len(db),))
+                _set_initializer(model, node, 2, (base + db).astype(cur.dtype), taken)
+            done.append(node.name)
+            if progress and (step + 1) % 10 == 0:
+                _say(progress, f"  refit {step + 1}/{len(nodes)} layers")
+    finally:
+        orig_sess.close()
+    return done
+
+
+def _taken_names(model: ir.Model) -> set[str]:
+    names = set(model.graph.initializers)
+    for n in model.graph:
+        names.update(v.name for v in n.outputs if v.name)
+    names.update(v.name for v in model.graph.inputs)
+    return names
+
+
+def _set_initializer(model: ir.Model, node: ir.Node, index: int, array: np.ndarray, taken: set[str]) -> None:
+    old = node.inputs[index] if index < len(node.inputs) else None
+    base = (old.name if old is not None and old.name else f"{node.name}_in{index}") + "_pruned"
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name), shape=ir.Shape(array.shape))
+    value.dtype = ir.tensor(array).dtype
+    model.graph.register_initializer(value)
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+
+
+def _index_list(use: Use, kept: Mapping[int, np.ndarray]) -> np.ndarray:
+    parts = []
+    for seg in use.layout:
+        k = kept.get(id(seg.space.root()))
+        parts.append(seg.offset + (k if k is not None else np.arange(seg.size)))
+    return np.concatenate(parts)
+
+
+def prune(
+    model_or_path,
+    *,
+    ratio: float,
+    calib=None,
+    samples: int | None = None,
+    image_spec=None,
+    shapes=None,
+    exclude: Sequence[str] = (),
+    multiple: int = 8,
+    reconstruct: bool = True,
+    max_positions: int = 2048,
+    report: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Remove ``ratio`` of the channels of every prunable channel space; see the module docstring.
+
+    ``calib``: calibration data (anything :func:`onnxopt.calibration.load_calibration_data`
+    takes) for the activation-aware ranking and the least-squares refit; without it the
+    ranking is by weight magnitude and nothing is refit. ``multiple``: kept channel counts are
+    rounded up to a multiple of it. ``exclude``: node names or op types whose output channels
+    stay. ``report``: also write the report as JSON.
+    """
+    from onnxopt.graph import parameter_stats
+    from onnxopt.model_io import check_output_path, load_model
+    from onnxopt.optimize import optimize, sample_feeds
+    from onnxopt.quantization import analysis
+    from onnxopt.verify import check_model, compare_outputs, run_model
+
+    t0 = time.perf_counter()
+    if not (0.0 < ratio < 1.0):
+        raise OnnxoptError(f"--ratio {ratio}: must be between 0 and 1 (the fraction of channels to remove)")
+    if multiple < 1:
+        raise OnnxoptError(f"--multiple {multiple}: must be >= 1")
+    if report is not None:
+        check_output_path(report)
+    src = model_or_path if isinstance(model_or_path, ir.Model) else load_model(model_or_path)
+    already = analysis.is_quantized(src)
+    if already:
+        raise OnnxoptError(f"the model is quantized (it contains {already}); prune the float model")
+    analysis.check_exclusions(src, exclude)
+    data = None
+    if calib is not None:
+        from onnxopt.calibration import load_calibration_data
+
+        data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes)
+        if len(data) == 0:
+            raise OnnxoptError("the calibration data holds no samples")
+
+    _say(progress, "float optimize pipeline")
+    model = optimize(src, verify="final", shapes=shapes).model
+    ir.passes.common.NameFixPass()(model)
+    params_before = parameter_stats(model)[0]
+
+    spaces = find_channel_spaces(model)
+    excluded = set(exclude)
+    for s in spaces:
+        for p in s.producers:
+            if p.name in excluded or p.op_type in excluded:
+                s.pin(f"--exclude {p.name if p.name in excluded else p.op_type}")
+    chosen = [s for s in spaces if _prunable(s) is None and _keep_count(s.channels, ratio, multiple) < s.channels]
+    if not chosen:
+        reasons = sorted({_prunable(s) or "rounding keeps every channel" for s in spaces})[:3]
+        if not reasons:
+            convs = sum(1 for n in model.graph if n.op_type in ("Conv", "ConvTranspose"))
+            reasons = [f"none of its {convs} convs has a constant weight (a weight that is a graph input "
+                       "can be fed at run time)" if convs else "no convolutions"]
+        raise OnnxoptError(f"nothing to prune: no channel space can lose channels ({'; '.join(reasons)})")
+
+    readers = list({id(u.node): u.node for s in chosen for u in s.uses if u.kind == "consume"}.values())
+    rms = None
+    ls_nodes: list[ir.Node] = []
+    if data is not None:
+        if reconstruct:
+            from onnxopt.quantization.rounding import _conv_geometry
+
+            for node in readers:
+                w = _const(node.inputs[1])
+                if node.op_type == "Conv":
+                    geo = _conv_geometry(node, w.shape)
+                    if geo is not None and geo["group"] == 1 and w[0].size <= _MAX_LS_FEATURES:
+                        ls_nodes.append(node)
+                elif node.op_type in ("Gemm", "MatMul") and w.ndim == 2 and max(w.shape) <= _MAX_LS_FEATURES:
+                    ls_nodes.append(node)
+        _say(progress, f"activation statistics on {len(data)} calibration samples"
+             + (f" ({len(ls_nodes)} layers to refit)" if ls_nodes else ""))
+        rms = _channel_rms(model, data, sorted({n.inputs[0].name for n in readers}))
+
+    kept: dict[int, np.ndarray] = {}
+    space_rows = []
+    for s in spaces:
+        why = _prunable(s)
+        row = {"channels": s.channels, "producers": [p.name for p in s.producers][:4]}
+        if s in chosen:
+            k = _keep_count(s.channels, ratio, multiple)
+            score = _channel_scores(s, rms)
+            kept[id(s)] = np.sort(np.argsort(-score, kind="stable")[:k])
+            row["kept"] = k
+        else:
+            row["kept"] = s.channels
+            row["why_kept"] = why or "rounding keeps every channel"
+        if s.producers:
+            space_rows.append(row)
+
+    # The original layers the refit aims at, before anything is cut.
+    original = model.clone() if ls_nodes else None
+    targets = {}
+    for node in ls_nodes:
+        b = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        targets[node.name] = (np.asarray(_const(node.inputs[1])), None if b is None else np.asarray(b))
+    out_index: dict[str, np.ndarray] = {}
+
+    # Cut every use: (node, input index) -> the array as cut so far.
+    arrays: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]] = {}
+    uses = list({id(u): u for s in chosen for u in s.uses}.values())
+    for use in uses:
+        key = (id(use.node), use.index)
+        arr = arrays[key][2] if key in arrays else np.asarray(_const(use.node.inputs[use.index]))
+        idx = _index_list(use, kept)
+        arrays[key] = (use.node, use.index, np.take(arr, idx, axis=use.axis))
+        if use.kind == "produce" and use.index == 1:
+            out_index[use.node.name] = idx
+    taken = _taken_names(model)
+    for node, index, arr in arrays.values():
+        _set_initializer(model, node, index, arr, taken)
+    for use in uses:
+        if use.kind == "depthwise" and use.index == 1:
+            use.node.attributes["group"] = ir.AttrInt64("group", int(arrays[(id(use.node), 1)][2].shape[0]))
+    for s in chosen:
+        for v in s.values:
+            if not v.is_graph_output():
+                v.shape = None
+    refit = []
+    if ls_nodes:
+        _say(progress, f"least-squares refit of {len(ls_nodes)} layers on {len(data)} calibration samples")
+        refit = _refit_sequential(original, model, ls_nodes, targets, out_index, data, max_positions, taken, progress)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    check_model(model)
+
+    feeds = [f for _, f in zip(range(8), data)] if data is not None else sample_feeds(src, shapes=shapes, count=2)
+    diffs = []
+    for feed in feeds:
+        ref = run_model(src, feed)
+        new = run_model(model, feed)
+        diffs.append({d.name: d for d in compare_outputs(ref, new, rtol=0.0, atol=0.0)})
+    outputs = {}
+    for name in diffs[0]:
+        outputs[name] = {"cosine_min": min(d[name].cosine for d in diffs),
+                         "max_abs": max(d[name].max_abs for d in diffs)}
+    params_after = parameter_stats(model)[0]
+    rep = {
+        "ratio": ratio,
+        "multiple": multiple,
+        "ranking": "activation-aware (calibration data)" if rms is not None else "weight magnitude (no calibration data)",
+        "calibration": getattr(data, "description", None),
+        "spaces_pruned": len(chosen),
+        "spaces_kept": len([r for r in space_rows if "why_kept" in r]),
+        "channels_before": sum(s.channels for s in chosen),
+        "channels_after": sum(len(kept[id(s)]) for s in chosen),
+        "params_before": params_before,
+        "params_after": params_after,
+        "refit_layers": refit,
+        "outputs_vs_original": outputs,
+        "evaluated_on": f"{len(feeds)} " + ("calibration samples" if data is not None else "generated inputs"),
+        "spaces": space_rows,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if report is not None:
+        import json
+
+        from onnxopt.atomic import write_text_atomic
+
+        write_text_atomic(report, json.dumps(rep, indent=2, default=str))
+    return PruneResult(model, rep)
+
+
+def prune_file(input_path, output_path, **kwargs) -> PruneResult:
+    """Load, prune and atomically save; options as in :func:`prune`."""
+    from onnxopt.model_io import check_output_path, save_model
+
+    check_output_path(output_path, input_path)
+    result = prune(input_path, **kwargs)
+    save_model(result.model, pathlib.Path(output_path))
+    return result

@@ -1,0 +1,202 @@
+"""Structured channel pruning (onnxopt.pruning): channel groups on hand-built and real graphs,
+exactness when the removed channels carry nothing, the least-squares refit, the CLI and its
+bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.cli import main
+from onnxopt.errors import OnnxoptError
+from onnxopt.pruning import find_channel_spaces, prune
+
+ort.set_default_logger_severity(3)
+
+
+def _run(model, feeds: dict) -> np.ndarray:
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _block_net(dead=(), seed=0) -> onnx.ModelProto:
+    """x[1,3,16,16] -> A 3x3 (16) -> Relu -> depthwise 3x3 -> Relu -> B 1x1 (16) -> Add(A's Relu)
+    -> squeeze-excite (GAP -> S1 (8) -> Relu -> S2 (16) -> HardSigmoid -> Mul) -> Concat with
+    C 1x1 (8) of A's Relu -> Mul by a per-channel constant -> D 1x1 (4) -> y.
+
+    A, B, S2 and the depthwise conv share one channel group (the Add and the Mul tie them).
+    ``dead``: channels of that group whose filters and biases are all zero: they carry 0.
+    """
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    inits = {
+        "WA": w(16, 3, 3, 3), "bA": w(16), "Wdw": w(16, 1, 3, 3), "bdw": w(16), "WB": w(16, 16, 1, 1), "bB": w(16),
+        "WS1": w(8, 16, 1, 1), "bS1": w(8), "WS2": w(16, 8, 1, 1), "bS2": w(16), "WC": w(8, 16, 1, 1), "bC": w(8),
+        "scale": (1 + rng.random((1, 24, 1, 1))).astype(np.float32), "WD": w(4, 24, 1, 1), "bD": w(4),
+    }
+    for c in dead:
+        for name in ("WA", "bA", "bdw", "WB", "bB", "WS2", "bS2"):
+            inits[name][c] = 0
+    pad = {"pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "WA", "bA"], ["a"], name="A", **pad),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "Wdw", "bdw"], ["d"], name="DW", group=16, **pad),
+        helper.make_node("Relu", ["d"], ["dr"]),
+        helper.make_node("Conv", ["dr", "WB", "bB"], ["b"], name="B"),
+        helper.make_node("Add", ["b", "ar"], ["res"]),
+        helper.make_node("GlobalAveragePool", ["res"], ["g"]),
+        helper.make_node("Conv", ["g", "WS1", "bS1"], ["s1"], name="S1"),
+        helper.make_node("Relu", ["s1"], ["s1r"]),
+        helper.make_node("Conv", ["s1r", "WS2", "bS2"], ["s2"], name="S2"),
+        helper.make_node("HardSigmoid", ["s2"], ["gate"]),
+        helper.make_node("Mul", ["res", "gate"], ["se"]),
+        helper.make_node("Conv", ["ar", "WC", "bC"], ["c"], name="C"),
+        helper.make_node("Concat", ["se", "c"], ["cat"], axis=1),
+        helper.make_node("Mul", ["cat", "scale"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "WD", "bD"], ["y"], name="D"),
+    ]
+    graph = helper.make_graph(
+        nodes, "blocks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _feeds(n, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def _weights(model: ir.Model) -> dict[str, tuple[int, ...]]:
+    return {n.name: tuple(n.inputs[1].const_value.shape) for n in model.graph if n.op_type == "Conv"}
+
+
+def test_channel_groups_follow_adds_muls_depthwise_and_concat():
+    spaces = find_channel_spaces(ir.from_proto(_block_net()))
+    by_producers = {tuple(sorted(p.name for p in s.producers)): s for s in spaces}
+    tied = by_producers[("A", "B", "S2")]
+    assert tied.channels == 16 and not tied.pinned
+    assert "DW" in {u.node.name for u in tied.uses if u.kind == "depthwise"}
+    # D reads the Concat: both the tied group and C's channels, at their offsets.
+    assert {n.name for n in tied.consumers} == {"B", "S1", "C", "D"}
+    assert "D" in {n.name for n in by_producers[("C",)].consumers}
+    assert by_producers[("D",)].pinned == ["graph output y"]
+    # The per-channel scale of the Concat output follows both groups.
+    assert any(u.kind == "param" and u.node.op_type == "Mul" for u in by_producers[("C",)].uses)
+
+
+def test_removing_channels_that_carry_nothing_is_exact():
+    dead = (1, 6, 9, 14)
+    src = _block_net(dead=dead)
+    for calib in (None, _feeds(4)):
+        res = prune(ir.from_proto(src), ratio=0.25, multiple=1, exclude=["S1", "C"], calib=calib, progress=False)
+        shapes = _weights(res.model)
+        assert shapes["A"][0] == 12 and shapes["B"] == (12, 12, 1, 1) and shapes["DW"] == (12, 1, 3, 3)
+        assert shapes["S2"][0] == 12 and shapes["S1"] == (8, 12, 1, 1) and shapes["D"] == (4, 20, 1, 1)
+        dw = next(n for n in res.model.graph if n.name == "DW")
+        assert dw.attributes["group"].value == 12
+        for feed in _feeds(3, seed=7):
+            ref, new = _run(src, feed), _run(res.model, feed)
+            assert np.abs(ref - new).max() <= 2e-3 * np.abs(ref).max()
+        assert res.report["params_after"] < res.report["params_before"]
+
+
+def test_least_squares_refit_lowers_the_output_error():
+    src = _block_net(seed=3)
+    calib, held = _feeds(8), _feeds(4, seed=11)
+
+    def err(model):
+        return np.mean([np.linalg.norm(_run(src, f) - _run(model, f)) / np.linalg.norm(_run(src, f)) for f in held])
+
+    cut = prune(ir.from_proto(src), ratio=0.5, multiple=1, calib=calib, reconstruct=False, progress=False)
+    refit = prune(ir.from_proto(src), ratio=0.5, multiple=1, calib=calib, progress=False)
+    assert _weights(cut.model) == _weights(refit.model)
+    assert set(refit.report["refit_layers"]) >= {"B", "D"}
+    assert err(refit.model) < 0.7 * err(cut.model)
+
+
+def test_reshape_and_graph_outputs_pin_their_channels():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1"),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+             helper.make_node("Conv", ["r", "W2"], ["y2"], name="c2")]
+    graph = helper.make_graph(
+        nodes, "pins", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("flat", TensorProto.FLOAT, [1, 1024]),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((16, 3, 1, 1)).astype(np.float32), "W1"),
+         numpy_helper.from_array(rng.standard_normal((4, 16, 1, 1)).astype(np.float32), "W2"),
+         numpy_helper.from_array(np.array([1, -1], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    spaces = {s.producers[0].name: s for s in find_channel_spaces(ir.from_proto(model))}
+    assert spaces["c1"].pinned and "Reshape" in spaces["c1"].pinned[0]
+    assert spaces["c2"].pinned == ["graph output y2"]
+    with pytest.raises(OnnxoptError, match="nothing to prune"):
+        prune(ir.from_proto(model), ratio=0.5, progress=False)
+
+
+def test_bad_arguments_are_refused():
+    model = ir.from_proto(_block_net())
+    for ratio in (0.0, 1.0, -0.2, float("nan")):
+        with pytest.raises(OnnxoptError, match="--ratio"):
+            prune(model, ratio=ratio, progress=False)
+    with pytest.raises(OnnxoptError, match="--exclude 'nope'"):
+        prune(model, ratio=0.25, exclude=["nope"], progress=False)
+
+
+def _real(name):
+    from onnxopt.testing.real_models import RealModelUnavailable, ppocr_model
+
+    try:
+        return str(ppocr_model(name))
+    except RealModelUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_prune_real_ppocr_det_shrinks_and_runs():
+    det = _real("det")
+    res = prune(det, ratio=0.25, progress=False)
+    rep = res.report
+    assert rep["spaces_pruned"] >= 15 and rep["params_after"] < 0.7 * rep["params_before"]
+    # Residual blocks tie several convs into one group; they were pruned together.
+    assert any(len(s["producers"]) >= 2 and s["kept"] < s["channels"] for s in rep["spaces"])
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 320, 320)).astype(np.float32)
+    ref = ort.InferenceSession(det, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = _run(res.model, {"x": x})
+    assert out.shape == ref.shape and np.all((out >= 0) & (out <= 1))
+    after = _weights(res.model)
+    for space in rep["spaces"]:
+        for producer in space["producers"]:
+            if producer in after:
+                assert after[producer][0] == space["kept"], producer
+
+
+def test_cli_prune_writes_the_model_and_refuses_bad_input(tmp_path, capsys):
+    src = tmp_path / "net.onnx"
+    onnx.save(_block_net(), src)
+    out = tmp_path / "net.pruned.onnx"
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--multiple", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "channel groups pruned" in printed and "cosine min" in printed
+    assert _weights(ir.load(out))["A"][0] == 8
+    for args, message in ((["--ratio", "2"], "--ratio 2.0"), (["--ratio", "0.3", "--samples", "2"], "need --calib"),
+                          (["--ratio", "0.3", "--calib", str(tmp_path / "missing")], "missing")):
+        bad = tmp_path / "bad.onnx"
+        assert main(["prune", str(src), "-o", str(bad), "--quiet", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and not bad.exists()
+    assert main(["prune", str(src), "-o", str(src), "--ratio", "0.3", "--quiet"]) == 2  # never overwrite the input
+    assert onnx.load(src).graph.node[0].name == "A"
