@@ -200,3 +200,75 @@ def test_cli_prune_writes_the_model_and_refuses_bad_input(tmp_path, capsys):
         assert message in err and "Traceback" not in err and not bad.exists()
     assert main(["prune", str(src), "-o", str(src), "--ratio", "0.3", "--quiet"]) == 2  # never overwrite the input
     assert onnx.load(src).graph.node[0].name == "A"
+
+
+def _ffn_net(dead=(), seed=0) -> onnx.ModelProto:
+    """A transformer FFN on [batch, seq, 8]: MatMul (8 -> 32) -> bias Add -> erf GELU ->
+    MatMul (32 -> 8) -> residual Add -> LayerNormalization. ``dead``: hidden neurons whose
+    up-projection column and bias are zero (GELU(0) = 0: they carry nothing)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((8, 32)) / 3).astype(np.float32)
+    b1 = (rng.standard_normal(32) / 3).astype(np.float32)
+    w1[:, list(dead)] = 0
+    b1[list(dead)] = 0
+    inits = {"W1": w1, "b1": b1, "W2": (rng.standard_normal((32, 8)) / 6).astype(np.float32),
+             "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32), "half": np.array(0.5, np.float32),
+             "g": np.ones(8, np.float32), "beta": np.zeros(8, np.float32)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"], name="up"),
+        helper.make_node("Add", ["b1", "h0"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["hd"]),
+        helper.make_node("Erf", ["hd"], ["he"]),
+        helper.make_node("Add", ["he", "one"], ["he1"]),
+        helper.make_node("Mul", ["h", "he1"], ["hm"]),
+        helper.make_node("Mul", ["hm", "half"], ["gelu"]),
+        helper.make_node("MatMul", ["gelu", "W2"], ["down"], name="down"),
+        helper.make_node("Add", ["down", "x"], ["res"]),
+        helper.make_node("LayerNormalization", ["res", "g", "beta"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8]),
+                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_transformer_ffn_neurons_are_pruned_on_the_last_axis():
+    dead = tuple(range(0, 32, 4))  # 8 of 32
+    src = _ffn_net(dead=dead)
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((4, 16, 8)).astype(np.float32),
+              "attention_mask": (np.arange(16)[None, :] < rng.integers(4, 17, (4, 1))).astype(np.int64)}
+             for _ in range(8)]
+    spaces = find_channel_spaces(ir.from_proto(src))
+    hidden = next(s for s in spaces if [p.name for p in s.producers] == ["up"])
+    assert hidden.channels == 32 and not hidden.pinned and [n.name for n in hidden.consumers] == ["down"]
+    # The residual stream is normalised over its channels: LayerNormalization pins it.
+    assert all(s.pinned for s in spaces if [p.name for p in s.producers] == ["down"])
+    for calib in (None, feeds):
+        res = prune(ir.from_proto(src), ratio=0.25, multiple=1, calib=calib, progress=False)
+        w = {n.name: tuple(n.inputs[1].const_value.shape) for n in res.model.graph if n.op_type == "MatMul"}
+        assert w == {"up": (8, 24), "down": (24, 8)}
+        for feed in feeds[:2]:
+            ref, new = _run(src, {"x": feed["x"], "attention_mask": feed["attention_mask"]}), _run(res.model, feed)
+            assert np.abs(ref - new).max() <= 2e-3 * np.abs(ref).max()
+
+
+def test_prune_real_minilm_ffns():
+    from onnxopt.testing.real_models import RealModelUnavailable, encode_sentences, minilm_model, sentences
+
+    try:
+        path = str(minilm_model())
+    except RealModelUnavailable as e:
+        pytest.skip(str(e))
+    res = prune(path, ratio=0.25, progress=False)
+    assert res.report["spaces_pruned"] == 6  # one per layer: the FFN hidden neurons; attention and residual pinned
+    shapes = sorted(tuple(n.inputs[1].const_value.shape) for n in res.model.graph
+                    if n.op_type == "MatMul" and n.inputs[1].const_value is not None and 1152 in n.inputs[1].const_value.shape)
+    assert shapes == [(384, 1152)] * 6 + [(1152, 384)] * 6
+    feed = encode_sentences(sentences("eval", 2), 32)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert _run(res.model, feed).shape == ref.shape

@@ -6,7 +6,7 @@ Pipeline (:func:`prune`):
 1. The float ``default`` optimize pipeline (BatchNorm and per-channel affines folded into
    the convs), so the channel structure is what the convs hold.
 2. Channel spaces (:func:`.groups.find_channel_spaces`). A space is pruned when nothing pins
-   it, some Conv produces it and some Conv/Gemm/MatMul reads it; ``exclude`` pins the spaces
+   it, some Conv/Gemm/MatMul produces it and some Conv/Gemm/MatMul reads it; ``exclude`` pins the spaces
    a named node (or op type) produces.
 3. How many channels stay: ``ceil(C * (1 - ratio))`` rounded up to a multiple of
    ``multiple`` (8: SIMD-friendly widths; 1: exact), never all of them.
@@ -18,13 +18,14 @@ Pipeline (:func:`prune`):
 5. Every tensor that holds the channels is cut: producers' filters and biases, depthwise
    filters (and their ``group``), per-channel constants, readers' input columns.
 6. With calibration data, each reader whose input lost channels is refit by least squares
-   on the channels it keeps (He et al. 2017, "Channel Pruning for Accelerating Very Deep
-   Neural Networks"): its new weight and bias minimise the error of its output against the
-   original layer's output, over im2col patches of its input sampled from the calibration
-   data: ``[W'_K, db] = argmin E[(W'_K x_K + db - W x)^2]``, solved from the input's second
-   moments (ridge 1e-5 of the mean diagonal), where there are at least 4 sampled rows per
-   unknown (not for a conv after a global pool with few samples). No retraining: good for
-   moderate ratios.
+   (He et al. 2017, "Channel Pruning for Accelerating Very Deep Neural Networks"), in graph
+   order, on the input the pruned model gives it, against the original layer's output on
+   the original input at the same sampled im2col positions (rows for a MatMul/Gemm):
+   ``[W', db] = argmin E[(W' x' + db - W x)^2]``, solved from second moments (ridge 1e-5 of
+   the mean diagonal), where there are at least 4 sampled rows per unknown (not for a conv
+   after a global pool with few samples). Rows of a ``[batch, sequence, features]`` input
+   are the real tokens of the model's integer mask input when it has one. No retraining:
+   good for moderate ratios.
 7. The ONNX checker, an ONNX Runtime session, and the outputs against the original model on
    evaluation feeds (cosine and max abs per output), all in the report.
 """
@@ -120,20 +121,25 @@ def _channel_scores(space: ChannelSpace, rms: Mapping[str, np.ndarray] | None) -
     return score
 
 
-def _channel_rms(model: ir.Model, feeds, tensors: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-channel (axis 1) root-mean-square of ``tensors`` over ``feeds``, one pass."""
+def _channel_rms(model: ir.Model, feeds, tensors: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Per-channel root-mean-square of ``tensors`` ({name: channel axis}) over ``feeds``, one pass."""
     from onnxopt.quantization.qdq import with_outputs
     from onnxopt.verify import make_session
 
-    sess = make_session(with_outputs(model, tensors))
+    sess = make_session(with_outputs(model, sorted(tensors)))
     sq: dict[str, np.ndarray] = {}
     cnt: dict[str, int] = {}
     try:
         for feed in feeds:
             out = sess.run(dict(feed))
-            for t in tensors:
+            mask = _token_mask(feed)
+            for t, axis in tensors.items():
                 a = np.asarray(out[t], np.float64)
-                a = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+                if mask is not None and a.ndim == 3 and mask.shape == a.shape[:2] and axis in (2, -1):
+                    a = a[mask != 0].T  # real tokens only
+                else:
+                    a = np.moveaxis(a, axis, 0)
+                    a = a.reshape(a.shape[0], -1)
                 sq[t] = sq.get(t, 0) + (a ** 2).sum(axis=1)
                 cnt[t] = cnt.get(t, 0) + a.shape[1]
     finally:
@@ -141,20 +147,64 @@ def _channel_rms(model: ir.Model, feeds, tensors: Sequence[str]) -> dict[str, np
     return {t: np.sqrt(sq[t] / max(cnt[t], 1)) for t in sq}
 
 
-def _features(node: ir.Node, x: np.ndarray, geo, max_positions: int, seed: int) -> np.ndarray:
+def _features(node: ir.Node, x: np.ndarray, geo, max_positions: int, seed: int,
+              mask: np.ndarray | None = None) -> np.ndarray:
     """The layer's input features, [D, P]: im2col patches of a Conv at ``max_positions``
     positions drawn with ``seed`` (the same positions for the same spatial size), rows of a
-    Gemm/MatMul input."""
+    Gemm/MatMul input (of a ``[batch, sequence, features]`` input: the rows ``mask`` keeps)."""
     from onnxopt.quantization.rounding import im2col_sample
 
     if node.op_type == "Conv":
         cols = im2col_sample(x, geo, max_positions, np.random.default_rng(seed))  # C K P
         return cols.reshape(-1, cols.shape[-1])
-    return np.asarray(x, np.float64).reshape(-1, x.shape[-1]).T
+    rows = np.asarray(x, np.float64)
+    if mask is not None and rows.ndim == 3 and mask.shape == rows.shape[:2]:
+        return rows[mask != 0].T  # only the real tokens: padding rows would dominate the fit
+    return rows.reshape(-1, rows.shape[-1]).T
+
+
+def _token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """A transformer's ``[batch, sequence]`` integer attention mask among the inputs, if any."""
+    for name, arr in feed.items():
+        a = np.asarray(arr)
+        if "mask" in name.lower() and a.ndim == 2 and a.dtype.kind in "iub":
+            return a
+    return None
 
 
 def _gemm_trans_b(node: ir.Node) -> bool:
     return node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+
+
+def _add_output_shift(model: ir.Model, node: ir.Node, shift: np.ndarray, taken: set[str]) -> None:
+    """``MatMul`` output += ``shift`` (per output feature): into the constant of the bias Add
+    that is its only reader, else by a new Add."""
+    out = node.outputs[0]
+    users = list(out.uses())
+    if len(users) == 1 and not out.is_graph_output():
+        add, idx = users[0]
+        other = add.inputs[1 - idx] if add.op_type == "Add" and len(add.inputs) == 2 else None
+        c = _const(other)
+        if c is not None and c.ndim >= 1 and c.shape[-1] == shift.shape[0] and c.size == shift.shape[0]:
+            _set_initializer(model, add, 1 - idx, (c + shift.reshape(c.shape)).astype(c.dtype), taken)
+            return
+    name, i = f"{out.name}_prune_shift", 1
+    while name in taken:
+        name, i = f"{out.name}_prune_shift_{i}", i + 1
+    taken.add(name)
+    shifted = ir.Value(name=name, type=out.type)
+    const = ir.Value(name=f"{name}_value", const_value=ir.tensor(shift, name=f"{name}_value"), shape=ir.Shape(shift.shape))
+    const.dtype = ir.tensor(shift).dtype
+    taken.add(const.name)
+    model.graph.register_initializer(const)
+    out.replace_all_uses_with(shifted)
+    add = ir.node("Add", [out, const], outputs=[shifted], name=f"{node.name}_prune_shift")
+    model.graph.insert_after(node, add)
+    if out.is_graph_output():
+        for k, v in enumerate(model.graph.outputs):
+            if v is out:
+                model.graph.outputs[k] = shifted
+        shifted.name, out.name = out.name, name + "_unshifted"
 
 
 def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.Node], targets, out_index,
@@ -183,8 +233,9 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
             count = 0
             try:
                 for i, feed in enumerate(feeds):
-                    fo = _features(node, orig_sess.run(dict(feed))[x_name], geo, max_positions, 1000 * step + i)
-                    fp = _features(node, sess.run(dict(feed))[x_name], geo, max_positions, 1000 * step + i)
+                    mask = _token_mask(feed)
+                    fo = _features(node, orig_sess.run(dict(feed))[x_name], geo, max_positions, 1000 * step + i, mask)
+                    fp = _features(node, sess.run(dict(feed))[x_name], geo, max_positions, 1000 * step + i, mask)
                     hp = hp + fp @ fp.T
                     cpo = cpo + fp @ fo.T
                     mp = mp + fp.sum(axis=1)
@@ -201,7 +252,7 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
             rows = out_index.get(node.name)
             if rows is not None:
                 w2 = w2[rows]
-            with_bias = node.op_type != "MatMul"
+            with_bias = True  # a MatMul's shift goes into the bias Add after it (added if there is none)
             d = hp.shape[0]
             if count < _MIN_SAMPLES_PER_FEATURE * (d + 1):
                 continue  # too few samples to fit d weights (a conv after a global pool): keep the cut
@@ -226,6 +277,10 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
             _set_initializer(model, node, 1, w_new.astype(cur.dtype), taken)
             if with_bias:
                 db = sol[d]
+                if node.op_type == "MatMul":
+                    _add_output_shift(model, node, db.astype(cur.dtype), taken)
+                    done.append(node.name)
+                    continue
                 has_c = len(node.inputs) > 2 and node.inputs[2] is not None
                 if node.op_type == "Gemm":  # Y = alpha A B + beta C: the shift goes in as alpha db / beta
                     alpha = node.attributes.get_float("alpha", 1.0)
@@ -362,7 +417,8 @@ def prune(
                     ls_nodes.append(node)
         _say(progress, f"activation statistics on {len(data)} calibration samples"
              + (f" ({len(ls_nodes)} layers to refit)" if ls_nodes else ""))
-        rms = _channel_rms(model, data, sorted({n.inputs[0].name for n in readers}))
+        rms = _channel_rms(model, data, {u.node.inputs[0].name: u.act_axis for s in chosen for u in s.uses
+                                         if u.kind == "consume"})
 
     kept: dict[int, np.ndarray] = {}
     space_rows = []

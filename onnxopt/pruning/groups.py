@@ -3,8 +3,9 @@
 Removing output channel ``c`` of a Conv is only valid if every op that sees that channel
 is changed with it. A *channel space* is one set of channels tied together; this module
 walks the graph once, in topological order, and gives every float tensor on the way a
-*layout*: the list of channel spaces along its channel axis (axis 1). Most layouts have one
-space; a Concat along the channels gives the concatenation of its inputs' layouts.
+*layout*: the list of channel spaces along its channel axis (axis 1 of an NCHW tensor, the
+last axis of a MatMul's features). Most layouts have one space; a Concat along the channels
+gives the concatenation of its inputs' layouts.
 
 * A ``Conv`` with group 1 (or a ``ConvTranspose`` with group 1) and a constant weight
   starts a new space for its output: its output channels ``W[c]`` (``W[:, c]`` for a
@@ -20,8 +21,12 @@ space; a Concat along the channels gives the concatenation of its inputs' layout
   merged, so the same channels go in all their producers. A per-channel constant operand
   follows the channels; a scalar one, or an activation with one channel (broadcast), does not
   tie anything.
-* ``Gemm`` (``transA`` = 0) and a ``MatMul`` with a constant 2-D weight read a rank-2 layout:
-  rows ``B[c]`` (``B[:, c]`` with ``transB``).
+* ``Gemm`` (``transA`` = 0) and a ``MatMul`` with a constant 2-D weight ``B`` read their
+  input's last axis (rows ``B[c]``, ``B[:, c]`` with ``transB``) and start a space of output
+  features on the last axis (columns of ``B``, Gemm's bias ``C``): a transformer's FFN
+  (MatMul -> bias Add -> GELU -> MatMul) or an MLP head. Pools, Resize, Pad, convs and
+  normalisations apply only to channels on axis 1; ``LayerNormalization``, ``Softmax`` and
+  reductions read all channels together and pin.
 * Anything else (``Reshape``, ``Transpose``, ``Split``, ``Slice``, an unknown or custom op,
   a subgraph, a graph output) *pins* every space it sees: those channels stay.
 
@@ -49,6 +54,7 @@ _PASS_THROUGH = frozenset({
     "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
 })
 _GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+_SPATIAL = frozenset({"MaxPool", "AveragePool", "LpPool"}) | _GLOBAL_POOLS
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu"})
 _NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 
@@ -73,6 +79,7 @@ class Use:
     index: int
     axis: int
     layout: tuple[Segment, ...]
+    act_axis: int = 1  # the channel axis of the activation the node reads or writes
 
 
 class ChannelSpace:
@@ -114,6 +121,19 @@ class _Layout:
     segments: tuple[Segment, ...]
     rank: int | None
     spatial_one: bool = False  # after a global pool: [N, C, 1, 1]
+    last: bool = False  # channels on the last axis (MatMul/Gemm features), else on axis 1
+
+    @property
+    def axis(self) -> int | None:
+        """The channel axis, non-negative; None when the rank is unknown and it is the last."""
+        if not self.last:
+            return 1
+        return None if self.rank is None else self.rank - 1
+
+    @property
+    def nchw(self) -> bool:
+        """Channels on axis 1 of a tensor with spatial axes after it (pools, Resize, Pad apply)."""
+        return not self.last and (self.rank is None or self.rank >= 3)
 
     @property
     def channels(self) -> int:
@@ -162,7 +182,7 @@ class _Walker:
                 s.pin(why)
 
     def use(self, kind: str, node: ir.Node, index: int, axis: int, layout: _Layout) -> None:
-        u = Use(kind, node, index, axis, layout.segments)
+        u = Use(kind, node, index, axis, layout.segments, layout.axis if layout.axis is not None else -1)
         for seg in layout.segments:
             seg.space.root().uses.append(u)
 
@@ -188,9 +208,14 @@ class _Walker:
         arr = _const(node.inputs[index])
         if arr is None:
             return False
-        if lay.rank is None:
+        if lay.last:  # broadcasting aligns the last axes: the constant's last axis is the channels'
+            if arr.ndim == 0 or arr.shape[-1] == 1:
+                return True
+            axis = arr.ndim - 1
+        elif lay.rank is None:
             return arr.ndim == 0 or arr.size == 1
-        axis = 1 - (lay.rank - arr.ndim)
+        else:
+            axis = lay.axis - (lay.rank - arr.ndim)
         if axis < 0 or arr.shape[axis] == 1:
             return True
         if arr.shape[axis] != lay.channels:
@@ -210,9 +235,13 @@ class _Walker:
             return self.conv(node, lay)
         if op in ("Gemm", "MatMul"):
             return self.matmul(node, lay)
+        if op in _BINARY and len(ins) == 2:  # either operand may be the activation
+            return self.binary(node)
         if lay is None:
             return self.unknown(node, f"read by {op} {node.name}")
         if op in _PASS_THROUGH:
+            if op in _SPATIAL and not lay.nchw:
+                return self.unknown(node, f"read by {op} {node.name} (channels not on axis 1)")
             if op == "Clip" and any(_const(v) is None or _const(v).size != 1 for v in ins[1:] if v is not None):
                 return self.unknown(node, f"read by Clip {node.name} with non-scalar bounds")
             if op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].uses():
@@ -220,18 +249,16 @@ class _Walker:
             out = dataclasses.replace(lay, spatial_one=lay.spatial_one or op in _GLOBAL_POOLS)
             return self.set(node.outputs[0], out)
         if op in _NORMS:
-            if any(not self.param_exact(node, i, lay) for i in _NORMS[op] if i < len(ins)):
+            if not lay.nchw or any(not self.param_exact(node, i, lay) for i in _NORMS[op] if i < len(ins)):
                 return self.unknown(node, f"read by {op} {node.name} with non-constant parameters")
             return self.set(node.outputs[0], lay)
-        if op in _BINARY and len(ins) == 2:
-            return self.binary(node)
         if op == "Concat":
             return self.concat(node)
-        if op == "Flatten" and lay.spatial_one and _attr(node, "axis", 1) == 1 and lay.rank is not None:
-            return self.set(node.outputs[0], _Layout(lay.segments, 2, True))
-        if op in ("Resize", "Upsample") and self.resize_keeps_channels(node):
+        if op == "Flatten" and lay.nchw and lay.spatial_one and _attr(node, "axis", 1) == 1 and lay.rank is not None:
+            return self.set(node.outputs[0], _Layout(lay.segments, 2, True, last=True))
+        if op in ("Resize", "Upsample") and lay.nchw and self.resize_keeps_channels(node):
             return self.set(node.outputs[0], lay)
-        if op == "Pad" and self.pad_keeps_channels(node, lay):
+        if op == "Pad" and lay.nchw and self.pad_keeps_channels(node, lay):
             return self.set(node.outputs[0], lay)
         return self.unknown(node, f"read by {op} {node.name}")
 
@@ -268,6 +295,9 @@ class _Walker:
         transpose = node.op_type == "ConvTranspose"
         c_in = w.shape[0] if transpose else w.shape[1] * group
         c_out = w.shape[1] * group if transpose else w.shape[0]
+        if lay is not None and not lay.nchw:
+            self.pin_value(node.inputs[0], f"read by {node.op_type} {node.name} with channels on the last axis")
+            lay = None
         if lay is not None and lay.channels != c_in:
             self.pin_value(node.inputs[0], f"channel count mismatch at {node.name}")
             lay = None
@@ -292,28 +322,51 @@ class _Walker:
         self.set(out, seg_lay)
 
     def matmul(self, node: ir.Node, lay: _Layout | None) -> None:
+        """``MatMul(x, B)`` with a constant 2-D ``B`` (or ``Gemm``, transA 0): reads x's last
+        axis through B's rows (columns with transB) and starts a new space of output features
+        (B's columns, Gemm's bias)."""
         b = _const(node.inputs[1]) if len(node.inputs) > 1 else None
-        if lay is None:
+        gemm = node.op_type == "Gemm"
+        if b is None or b.ndim != 2 or (gemm and _attr(node, "transA", 0)):
             return self.unknown(node, f"read by {node.op_type} {node.name}")
-        if b is None or b.ndim != 2 or lay.rank != 2 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
-            return self.unknown(node, f"read by {node.op_type} {node.name}")
-        axis = 1 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 0
-        if b.shape[axis] != lay.channels:
-            return self.unknown(node, f"channel count mismatch at {node.name}")
-        self.use("consume", node, 1, axis, lay)
-        # Its output features are not pruned (usually logits): nothing downstream is cut.
+        trans_b = gemm and bool(_attr(node, "transB", 0))
+        k_axis, n_axis = (1, 0) if trans_b else (0, 1)
+        if lay is not None:
+            if not (lay.last or lay.rank == 2) or (gemm and lay.rank not in (2, None)):
+                self.pin_value(node.inputs[0], f"read by {node.op_type} {node.name} (channels not on the last axis)")
+            elif lay.channels != b.shape[k_axis]:
+                self.pin_value(node.inputs[0], f"channel count mismatch at {node.name}")
+            else:
+                self.use("consume", node, 1, k_axis, dataclasses.replace(lay, last=True))
+        n = int(b.shape[n_axis])
+        x = node.inputs[0]
+        rank = lay.rank if lay is not None else (2 if gemm else (len(x.shape) if x is not None and x.shape is not None else None))
+        space = self.new_space(n)
+        out = _Layout((Segment(space, 0, n),), rank, last=True)
+        self.use("produce", node, 1, n_axis, out)
+        if gemm and len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = _const(node.inputs[2])
+            if c is None:
+                space.pin(f"Gemm {node.name} with a non-constant C")
+            elif c.ndim >= 1 and c.shape[-1] == n and c.size == n:
+                self.use("produce", node, 2, c.ndim - 1, out)
+            elif c.size != 1:
+                space.pin(f"Gemm {node.name} whose C does not broadcast per feature")
+        self.set(node.outputs[0], out)
 
     def binary(self, node: ir.Node) -> None:
         a, b = node.inputs
         la, lb = self.layout(a), self.layout(b)
         out = node.outputs[0]
         if la is not None and lb is not None:
+            if la.last != lb.last and not (la.rank == lb.rank == 2):
+                return self.unknown(node, f"{node.op_type} {node.name} of tensors with channels on different axes")
             if la.channels == lb.channels and len(la.segments) == 1 and len(lb.segments) == 1:
                 s = self.merge(la.segments[0].space, lb.segments[0].space)
                 rank = la.rank if la.rank == lb.rank else None
-                if rank is None:
+                if rank is None and not la.last:  # last-axis channels align whatever the ranks
                     s.pin(f"rank mismatch at {node.op_type} {node.name}")
-                return self.set(out, _Layout((Segment(s, 0, la.channels),), rank, la.spatial_one and lb.spatial_one))
+                return self.set(out, _Layout((Segment(s, 0, la.channels),), rank, la.spatial_one and lb.spatial_one, la.last))
             for big, small in ((la, lb), (lb, la)):
                 if small.channels == 1 and big.channels > 1 and small.rank == big.rank:
                     for s in small.spaces():
@@ -332,16 +385,20 @@ class _Walker:
     def concat(self, node: ir.Node) -> None:
         lays = [self.layout(v) for v in node.inputs]
         ranks = {lay.rank for lay in lays if lay is not None}
+        lasts = {lay.last for lay in lays if lay is not None}
         axis = int(_attr(node, "axis", 1))
         rank = next(iter(ranks)) if len(ranks) == 1 else None
-        if any(lay is None for lay in lays) or rank is None or axis not in (1, 1 - rank):
+        if any(lay is None for lay in lays) or rank is None or len(lasts) != 1:
             return self.unknown(node, f"read by Concat {node.name}")
+        last = next(iter(lasts))
+        if (axis % rank) != (rank - 1 if last else 1):
+            return self.unknown(node, f"read by Concat {node.name} (not along the channels)")
         segs, off = [], 0
         for lay in lays:
             for s in lay.segments:
                 segs.append(Segment(s.space.root(), off, s.size))
                 off += s.size
-        self.set(node.outputs[0], _Layout(tuple(segs), rank))
+        self.set(node.outputs[0], _Layout(tuple(segs), rank, last=last))
 
 
 def find_channel_spaces(model: ir.Model) -> list[ChannelSpace]:
