@@ -690,6 +690,42 @@ def test_real_minilm_nan_guards_sink_and_outputs_stay_bitwise_equal():
         np.testing.assert_array_equal(new[k], ref[k])
 
 
+# -- finite-attention-mask --------------------------------------------------------------
+
+
+def test_finite_mask_replaces_the_sunk_guards_and_keeps_fully_masked_rows_zero():
+    m = _attention()
+    out = run_passes(m, "sink-nan-guard", "finite-attention-mask")
+    assert "IsNaN" not in ops(out) and ops(out).count("Where") == 1 and ops(out)[-1] == "Mul"
+    finite = next(n for n in out.graph if n.op_type == "Where")
+    assert np.isfinite(finite.inputs[2].const_value.numpy()).all()
+    feeds = _attention_feeds()
+    ref, new = run_model(m, feeds)["y"], run_model(out, feeds)["y"]
+    assert np.all(new[1] == 0) and np.all(new[0, :, 2] == 0)  # fully masked: zeros, as the guard gave
+    np.testing.assert_allclose(new, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [{"guard_value": 1.0}, {"extra_reader": True}])
+def test_finite_mask_left_alone_without_a_sunk_zero_guard(kw):
+    m = run_passes(_attention(**kw), "sink-nan-guard")
+    out = run_passes(m, "finite-attention-mask")
+    assert ops(out) == ops(m)
+
+
+def test_real_minilm_finite_mask_matches_the_original_with_masked_sentences():
+    original, out = _real_minilm_and_copy()
+    for name in ("sink-nan-guard", "finite-attention-mask"):
+        p = get_pass(name).factory()
+        p(out)
+        assert p.rewrites == 6
+    assert "IsNaN" not in op_histogram(out)
+    feeds = rm.encode_sentences(rm.sentences("eval", 3), seq_len=24)
+    feeds["attention_mask"][2] = 0
+    ref, new = run_model(original, feeds), run_model(out, feeds)
+    for k in ref:
+        np.testing.assert_allclose(new[k], ref[k], rtol=1e-5, atol=1e-5)
+
+
 # -- fold-residual-bias -----------------------------------------------------------------
 
 
