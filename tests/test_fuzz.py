@@ -65,6 +65,13 @@ def test_fuzz_quantize(tmp_path):
     assert quantized.count("valid") >= 5 and quantized.count("error") >= 5
 
 
+def test_fuzz_prune(tmp_path):
+    """prune (no calibration) on mutants: a valid, loadable model or one clean error line."""
+    results = _run_fuzzer(tmp_path, 60, SEED + 3, "--prune")
+    pruned = [r["outcome"] for r in results if r["command"] == "prune"]
+    assert pruned.count("valid") >= 5 and pruned.count("error") >= 5
+
+
 def test_fuzz_optimize_and_inspect(tmp_path):
     results = _run_fuzzer(tmp_path, CASES, SEED)
     assert len(results) == 2 * CASES

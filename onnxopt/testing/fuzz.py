@@ -1,4 +1,5 @@
-"""A seeded fuzzer for the CLI: mutated real and hand-built models through optimize and inspect.
+"""A seeded fuzzer for the CLI: mutated real and hand-built models through optimize and inspect
+(and, with ``--quantize`` / ``--prune``, those commands too).
 
 Every case mutates one seed model (the PP-OCR direction classifier, the demo CNN, a
 small MatMul/Add/Relu graph, an If-with-subgraphs graph, a small attention block) at the
@@ -683,7 +684,8 @@ _EXPECTED_STDERR = ("wrote ", "rolled back ", "warning ", "onnxopt: warning: cal
 
 
 def _judge_loadable(out_path: pathlib.Path) -> str:
-    """A quantized model (random calibration: its accuracy means nothing) must check and load."""
+    """A quantized or pruned model (its answers differ from the mutant's by design) must
+    check and load."""
     import onnxruntime as ort
 
     if not out_path.exists():
@@ -694,13 +696,13 @@ def _judge_loadable(out_path: pathlib.Path) -> str:
         so.log_severity_level = 4
         ort.InferenceSession(str(out_path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        return f"FAIL: quantized output does not check/load: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+        return f"FAIL: output does not check/load: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
     return "valid"
 
 
 def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pathlib.Path,
              timeout: float = CASE_TIMEOUT_S, optimize_flags: tuple[str, ...] = (),
-             quantize: bool = False) -> list[FuzzResult]:
+             quantize: bool = False, prune: bool = False) -> list[FuzzResult]:
     folder = workdir / f"case{index}"
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / "model.onnx"
@@ -715,6 +717,9 @@ def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pa
     if quantize:
         commands.append(("quantize", ["quantize", str(model_path), "-o", str(out_path), "--calib", "random",
                                       "--quiet", "--samples", "2"]))
+    if prune:
+        commands.append(("prune", ["prune", str(model_path), "-o", str(out_path), "--ratio", "0.3", "--multiple", "1",
+                                   "--quiet"]))
     for command, argv in commands:
         if out_path.exists():
             out_path.unlink()
@@ -725,7 +730,7 @@ def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pa
         elif rc == 0:
             if command == "optimize":
                 outcome = _judge_output(model_path, out_path)
-            elif command == "quantize":
+            elif command in ("quantize", "prune"):
                 outcome = _judge_loadable(out_path)
             else:
                 outcome = "ok"
@@ -748,7 +753,7 @@ def run_case(index: int, seed_name: str, data: bytes, mutation: str, workdir: pa
 
 def fuzz(cases: int, seed: int = 0, *, workdir: str | os.PathLike | None = None, real_share: float = 0.15,
          timeout: float = CASE_TIMEOUT_S, progress=None, include_real: bool = True,
-         optimize_flags: tuple[str, ...] = (), quantize: bool = False) -> list[FuzzResult]:
+         optimize_flags: tuple[str, ...] = (), quantize: bool = False, prune: bool = False) -> list[FuzzResult]:
     """Run ``cases`` mutated models (deterministic for a seed); returns every command's result."""
     import logging
 
@@ -766,7 +771,7 @@ def fuzz(cases: int, seed: int = 0, *, workdir: str | os.PathLike | None = None,
             data, what = mutate(seeds[name], rng)
             if progress:
                 progress(i, name, what)
-            results.extend(run_case(i, name, data, what, pathlib.Path(tmp), timeout, optimize_flags, quantize))
+            results.extend(run_case(i, name, data, what, pathlib.Path(tmp), timeout, optimize_flags, quantize, prune))
     return results
 
 
@@ -792,6 +797,7 @@ def main(argv=None) -> int:
                     help="optimize with --no-verify: the passes alone must keep the answers (no safety net)")
     ap.add_argument("--verify-each", action="store_true", help="optimize with --verify (check after every pass)")
     ap.add_argument("--quantize", action="store_true", help="also run quantize (random calibration) on every mutant")
+    ap.add_argument("--prune", action="store_true", help="also run prune --ratio 0.3 (no calibration) on every mutant")
     ap.add_argument("--progress", help="append 'index seed mutation' lines here before each case (finds a crash)")
     args = ap.parse_args(argv)
     _limit_memory(args.max_memory_gb)
@@ -804,7 +810,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     flags = ("--no-verify",) if args.no_verify else ("--verify",) if args.verify_each else ()
     results = fuzz(args.cases, args.seed, real_share=args.real_share, timeout=args.timeout, progress=progress,
-                   optimize_flags=flags, quantize=args.quantize)
+                   optimize_flags=flags, quantize=args.quantize, prune=args.prune)
     failures = [r for r in results if r.failed]
     counts: dict[str, int] = {}
     for r in results:
