@@ -456,11 +456,14 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
 @click.option("--multiple", default=8, show_default=True, type=int,
               help="Round each group's kept channel count up to a multiple of this (SIMD-friendly widths; 1 = exact ratio).")
 @click.option("--no-refit", is_flag=True, help="With --calib: rank by activations but do not refit the reading layers.")
+@click.option("--max-drop", type=float, metavar="X",
+              help="With --calib: prune the largest ratio (steps of 1/16, up to --ratio) whose outputs stay within "
+                   "1 - cosine <= X of the original's on held-out calibration samples.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (groups, parameters, output error) as JSON.")
 @shape_option
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
-def prune(model, output, ratio, calib, samples, image_size, image_spec, exclude, multiple, no_refit, report_path, shapes,
-          quiet) -> None:
+def prune(model, output, ratio, calib, samples, image_size, image_spec, exclude, multiple, no_refit, max_drop, report_path,
+          shapes, quiet) -> None:
     """Structured channel pruning: remove channels (whole filters) so the model is smaller and
     faster on every runtime.
 
@@ -473,14 +476,17 @@ def prune(model, output, ratio, calib, samples, image_size, image_spec, exclude,
 
     if image_size and image_spec:
         raise OnnxoptError("give either --image-size or --image-spec, not both")
-    if (samples or image_size or image_spec or no_refit) and not calib:
-        raise OnnxoptError("--samples, --image-size, --image-spec and --no-refit need --calib")
+    if (samples or image_size or image_spec or no_refit or max_drop is not None) and not calib:
+        raise OnnxoptError("--samples, --image-size, --image-spec, --no-refit and --max-drop need --calib")
     spec = image_spec or (f"{image_size},mean=0.5,std=0.5" if image_size else None)
     result = prune_file(model, output, ratio=ratio, calib=calib, samples=samples, image_spec=spec, exclude=exclude,
-                        multiple=multiple, reconstruct=not no_refit, report=report_path,
+                        multiple=multiple, reconstruct=not no_refit, max_drop=max_drop, report=report_path,
                         shapes=parse_shape_specs(shapes) or None, progress=not quiet)
     rep = result.report
     pb, pa = rep["params_before"], rep["params_after"]
+    if rep["max_drop_search"]:
+        tried = ", ".join(f"{t['ratio']:.4g}: {t['drop']:.4g}" for t in rep["max_drop_search"])
+        out.print(f"--max-drop {max_drop}: ratio {rep['ratio']:.4g} (tried ratio: drop {tried})")
     out.print(f"{output}: {rep['spaces_pruned']} channel groups pruned ({rep['channels_before']} -> {rep['channels_after']} "
               f"channels), parameters {pb:,} -> {pa:,} ({pa / max(pb, 1):.0%}); ranking: {rep['ranking']}"
               + (f"; {len(rep['refit_layers'])} layers refit" if rep["refit_layers"] else ""))

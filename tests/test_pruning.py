@@ -126,6 +126,25 @@ def test_least_squares_refit_lowers_the_output_error():
     assert err(refit.model) < 0.7 * err(cut.model)
 
 
+def test_max_drop_picks_the_largest_ratio_within_the_bound():
+    src = _block_net(seed=3)
+    feeds = _feeds(10)
+    res = prune(ir.from_proto(src), ratio=0.75, multiple=1, calib=feeds, max_drop=0.02, progress=False)
+    search = res.report["max_drop_search"]
+    assert 0 < res.report["ratio"] <= 0.75 and {t["ratio"] for t in search} >= {res.report["ratio"]}
+    assert all(t["drop"] <= 0.02 for t in search if t["ratio"] <= res.report["ratio"])
+    assert all(t["drop"] > 0.02 for t in search if t["ratio"] > res.report["ratio"])
+    held = feeds[-2:]  # the held-out fifth the drop was measured on
+    ref = np.concatenate([_run(src, f).ravel() for f in held])
+    new = np.concatenate([_run(res.model, f).ravel() for f in held])
+    assert 1 - ref @ new / np.linalg.norm(ref) / np.linalg.norm(new) <= 0.02 + 1e-6
+    assert res.report["evaluated_on"] == "2 held-out calibration samples"
+    with pytest.raises(OnnxoptError, match="even ratio 0.0625"):
+        prune(ir.from_proto(src), ratio=0.5, multiple=1, calib=feeds, max_drop=1e-12, progress=False)
+    with pytest.raises(OnnxoptError, match="needs --calib"):
+        prune(ir.from_proto(src), ratio=0.5, max_drop=0.01, progress=False)
+
+
 def test_reshape_and_graph_outputs_pin_their_channels():
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1"),
@@ -193,6 +212,7 @@ def test_cli_prune_writes_the_model_and_refuses_bad_input(tmp_path, capsys):
     assert "channel groups pruned" in printed and "cosine min" in printed
     assert _weights(ir.load(out))["A"][0] == 8
     for args, message in ((["--ratio", "2"], "--ratio 2.0"), (["--ratio", "0.3", "--samples", "2"], "need --calib"),
+                          (["--ratio", "0.3", "--max-drop", "0.01"], "need --calib"),
                           (["--ratio", "0.3", "--calib", str(tmp_path / "missing")], "missing")):
         bad = tmp_path / "bad.onnx"
         assert main(["prune", str(src), "-o", str(bad), "--quiet", *args]) == 2

@@ -331,62 +331,14 @@ def _index_list(use: Use, kept: Mapping[int, np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def prune(
-    model_or_path,
-    *,
-    ratio: float,
-    calib=None,
-    samples: int | None = None,
-    image_spec=None,
-    shapes=None,
-    exclude: Sequence[str] = (),
-    multiple: int = 8,
-    reconstruct: bool = True,
-    max_positions: int = 2048,
-    report: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> PruneResult:
-    """Remove ``ratio`` of the channels of every prunable channel space; see the module docstring.
+def _prune_at(base: ir.Model, ratio: float, multiple: int, excluded: set[str], data, reconstruct: bool,
+              max_positions: int, rms_cache: dict[str, np.ndarray], progress) -> tuple[ir.Model, dict]:
+    """``base`` (the optimized float model, not modified) with ``ratio`` of every free space's
+    channels removed (steps 2-6 of the module docstring)."""
+    from onnxopt.verify import check_model
 
-    ``calib``: calibration data (anything :func:`onnxopt.calibration.load_calibration_data`
-    takes) for the activation-aware ranking and the least-squares refit; without it the
-    ranking is by weight magnitude and nothing is refit. ``multiple``: kept channel counts are
-    rounded up to a multiple of it. ``exclude``: node names or op types whose output channels
-    stay. ``report``: also write the report as JSON.
-    """
-    from onnxopt.graph import parameter_stats
-    from onnxopt.model_io import check_output_path, load_model
-    from onnxopt.optimize import optimize, sample_feeds
-    from onnxopt.quantization import analysis
-    from onnxopt.verify import check_model, compare_outputs, run_model
-
-    t0 = time.perf_counter()
-    if not (0.0 < ratio < 1.0):
-        raise OnnxoptError(f"--ratio {ratio}: must be between 0 and 1 (the fraction of channels to remove)")
-    if multiple < 1:
-        raise OnnxoptError(f"--multiple {multiple}: must be >= 1")
-    if report is not None:
-        check_output_path(report)
-    src = model_or_path if isinstance(model_or_path, ir.Model) else load_model(model_or_path)
-    already = analysis.is_quantized(src)
-    if already:
-        raise OnnxoptError(f"the model is quantized (it contains {already}); prune the float model")
-    analysis.check_exclusions(src, exclude)
-    data = None
-    if calib is not None:
-        from onnxopt.calibration import load_calibration_data
-
-        data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes)
-        if len(data) == 0:
-            raise OnnxoptError("the calibration data holds no samples")
-
-    _say(progress, "float optimize pipeline")
-    model = optimize(src, verify="final", shapes=shapes).model
-    ir.passes.common.NameFixPass()(model)
-    params_before = parameter_stats(model)[0]
-
+    model = base.clone()
     spaces = find_channel_spaces(model)
-    excluded = set(exclude)
     for s in spaces:
         for p in s.producers:
             if p.name in excluded or p.op_type in excluded:
@@ -417,8 +369,11 @@ def prune(
                     ls_nodes.append(node)
         _say(progress, f"activation statistics on {len(data)} calibration samples"
              + (f" ({len(ls_nodes)} layers to refit)" if ls_nodes else ""))
-        rms = _channel_rms(model, data, {u.node.inputs[0].name: u.act_axis for s in chosen for u in s.uses
-                                         if u.kind == "consume"})
+        wanted = {u.node.inputs[0].name: u.act_axis for s in chosen for u in s.uses if u.kind == "consume"}
+        missing = {k: v for k, v in wanted.items() if k not in rms_cache}
+        if missing:
+            rms_cache.update(_channel_rms(model, data, missing))
+        rms = {k: rms_cache[k] for k in wanted}
 
     kept: dict[int, np.ndarray] = {}
     space_rows = []
@@ -471,7 +426,125 @@ def prune(
     ir.passes.common.RemoveUnusedNodesPass()(model)
     check_model(model)
 
-    feeds = [f for _, f in zip(range(8), data)] if data is not None else sample_feeds(src, shapes=shapes, count=2)
+    info = {"chosen": chosen, "kept": kept, "space_rows": space_rows, "refit": refit, "rms": rms}
+    return model, info
+
+
+def prune(
+    model_or_path,
+    *,
+    ratio: float,
+    calib=None,
+    samples: int | None = None,
+    image_spec=None,
+    shapes=None,
+    exclude: Sequence[str] = (),
+    multiple: int = 8,
+    reconstruct: bool = True,
+    max_positions: int = 2048,
+    max_drop: float | None = None,
+    report: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Remove ``ratio`` of the channels of every prunable channel space; see the module docstring.
+
+    ``calib``: calibration data (anything :func:`onnxopt.calibration.load_calibration_data`
+    takes) for the activation-aware ranking and the least-squares refit; without it the
+    ranking is by weight magnitude and nothing is refit. ``multiple``: kept channel counts are
+    rounded up to a multiple of it. ``exclude``: node names or op types whose output channels
+    stay. ``max_drop``: instead of ``ratio`` itself, the largest ratio on a grid of 1/16 up
+    to ``ratio`` whose outputs stay within ``1 - cosine <= max_drop`` of the original's
+    (pooled per output over held-out calibration samples: the last fifth, at most 16, which
+    the ranking and refit do not see); needs ``calib``. ``report``: also write the report as JSON.
+    """
+    from onnxopt.graph import parameter_stats
+    from onnxopt.model_io import check_output_path, load_model
+    from onnxopt.optimize import optimize, sample_feeds
+    from onnxopt.quantization import analysis
+    from onnxopt.quantization.api import _cosine_drop, _Slice
+    from onnxopt.verify import compare_outputs, run_model
+
+    t0 = time.perf_counter()
+    if not (0.0 < ratio < 1.0):
+        raise OnnxoptError(f"--ratio {ratio}: must be between 0 and 1 (the fraction of channels to remove)")
+    if multiple < 1:
+        raise OnnxoptError(f"--multiple {multiple}: must be >= 1")
+    if max_drop is not None and not (0 < max_drop < 1):
+        raise OnnxoptError(f"--max-drop {max_drop}: must be between 0 and 1 (a drop in cosine similarity)")
+    if max_drop is not None and calib is None:
+        raise OnnxoptError("--max-drop needs --calib: the drop is measured on held-out calibration samples")
+    if report is not None:
+        check_output_path(report)
+    src = model_or_path if isinstance(model_or_path, ir.Model) else load_model(model_or_path)
+    already = analysis.is_quantized(src)
+    if already:
+        raise OnnxoptError(f"the model is quantized (it contains {already}); prune the float model")
+    analysis.check_exclusions(src, exclude)
+    data = None
+    if calib is not None:
+        from onnxopt.calibration import load_calibration_data
+
+        data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes)
+        if len(data) == 0:
+            raise OnnxoptError("the calibration data holds no samples")
+
+    _say(progress, "float optimize pipeline")
+    model = optimize(src, verify="final", shapes=shapes).model
+    ir.passes.common.NameFixPass()(model)
+    params_before = parameter_stats(model)[0]
+
+    fit_data, held = data, []
+    if max_drop is not None:
+        n = len(data)
+        h = min(16, max(1, n // 5))
+        if n < 2:
+            raise OnnxoptError("--max-drop needs at least 2 calibration samples (some are held out to measure the drop)")
+        fit_data, held = _Slice(data, 0, n - h), [f for i, f in enumerate(data) if i >= n - h]
+    rms_cache: dict[str, np.ndarray] = {}
+    excluded = set(exclude)
+
+    def attempt(r: float):
+        return _prune_at(model, r, multiple, excluded, fit_data, reconstruct, max_positions, rms_cache, progress)
+
+    search = None
+    if max_drop is None:
+        pruned, info = attempt(ratio)
+    else:
+        refs = [run_model(src, f) for f in held]
+        grid = [k / 16 for k in range(1, 16) if k / 16 <= ratio + 1e-12] or [ratio]
+        lo, hi, best, search = 0, len(grid) - 1, None, []
+        while lo <= hi:  # the largest grid ratio whose drop is within max_drop (drops grow with the ratio)
+            mid = (lo + hi) // 2
+            _say(progress, f"--max-drop: trying ratio {grid[mid]:.4g}")
+            try:
+                cand, cinfo = attempt(grid[mid])
+            except OnnxoptError as e:
+                if not str(e).startswith("nothing to prune"):
+                    raise
+                search.append({"ratio": grid[mid], "drop": 0.0, "note": "nothing to prune"})
+                lo = mid + 1
+                continue
+            drop = _cosine_drop(refs, [run_model(cand, f) for f in held])[0]
+            search.append({"ratio": grid[mid], "drop": drop})
+            if drop <= max_drop:
+                best, lo = (grid[mid], cand, cinfo), mid + 1
+            else:
+                hi = mid - 1
+        if best is None:
+            smallest = min(search, key=lambda x: x["ratio"])
+            raise OnnxoptError(f"--max-drop {max_drop}: even ratio {smallest['ratio']:.4g} drops the outputs by "
+                               f"{smallest['drop']:.4g} (1 - cosine on {len(held)} held-out calibration samples)")
+        ratio, pruned, info = best
+    model = pruned
+
+    if held:
+        feeds, evaluated_on = held, f"{len(held)} held-out calibration samples"
+    elif data is not None:
+        feeds = [f for _, f in zip(range(8), data)]
+        evaluated_on = f"{len(feeds)} calibration samples"
+    else:
+        feeds = sample_feeds(src, shapes=shapes, count=2)
+        evaluated_on = f"{len(feeds)} generated inputs"
     diffs = []
     for feed in feeds:
         ref = run_model(src, feed)
@@ -485,18 +558,19 @@ def prune(
     rep = {
         "ratio": ratio,
         "multiple": multiple,
-        "ranking": "activation-aware (calibration data)" if rms is not None else "weight magnitude (no calibration data)",
+        "ranking": "activation-aware (calibration data)" if info["rms"] is not None else "weight magnitude (no calibration data)",
         "calibration": getattr(data, "description", None),
-        "spaces_pruned": len(chosen),
-        "spaces_kept": len([r for r in space_rows if "why_kept" in r]),
-        "channels_before": sum(s.channels for s in chosen),
-        "channels_after": sum(len(kept[id(s)]) for s in chosen),
+        "spaces_pruned": len(info["chosen"]),
+        "spaces_kept": len([r for r in info["space_rows"] if "why_kept" in r]),
+        "channels_before": sum(s.channels for s in info["chosen"]),
+        "channels_after": sum(len(info["kept"][id(s)]) for s in info["chosen"]),
         "params_before": params_before,
         "params_after": params_after,
-        "refit_layers": refit,
+        "refit_layers": info["refit"],
         "outputs_vs_original": outputs,
-        "evaluated_on": f"{len(feeds)} " + ("calibration samples" if data is not None else "generated inputs"),
-        "spaces": space_rows,
+        "evaluated_on": evaluated_on,
+        "spaces": info["space_rows"],
+        "max_drop_search": search,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if report is not None:
