@@ -490,6 +490,9 @@ def prune(model, output, ratio, calib, samples, image_size, image_spec, exclude,
     out.print(f"{output}: {rep['spaces_pruned']} channel groups pruned ({rep['channels_before']} -> {rep['channels_after']} "
               f"channels), parameters {pb:,} -> {pa:,} ({pa / max(pb, 1):.0%}); ranking: {rep['ranking']}"
               + (f"; {len(rep['refit_layers'])} layers refit" if rep["refit_layers"] else ""))
+    if rep["calibration_is_random"]:
+        console.print("onnxopt: warning: calibrated on random data (a smoke test): the ranking and refit "
+                      "do not reflect real inputs")
     for name, d in rep["outputs_vs_original"].items():
         out.print(f"output {name} vs the original ({rep['evaluated_on']}): cosine min {d['cosine_min']:.4f}, max abs error {d['max_abs']:.4g}")
 

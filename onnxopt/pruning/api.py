@@ -560,6 +560,7 @@ def prune(
         "multiple": multiple,
         "ranking": "activation-aware (calibration data)" if info["rms"] is not None else "weight magnitude (no calibration data)",
         "calibration": getattr(data, "description", None),
+        "calibration_is_random": bool(getattr(data, "is_random", False)),
         "spaces_pruned": len(info["chosen"]),
         "spaces_kept": len([r for r in info["space_rows"] if "why_kept" in r]),
         "channels_before": sum(s.channels for s in info["chosen"]),
