@@ -211,6 +211,8 @@ def test_cli_prune_writes_the_model_and_refuses_bad_input(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "channel groups pruned" in printed and "cosine min" in printed
     assert _weights(ir.load(out))["A"][0] == 8
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--calib", "random", "--samples", "4", "--quiet"]) == 0
+    assert "calibrated on random data" in capsys.readouterr().err
     for args, message in ((["--ratio", "2"], "--ratio 2.0"), (["--ratio", "0.3", "--samples", "2"], "need --calib"),
                           (["--ratio", "0.3", "--max-drop", "0.01"], "need --calib"),
                           (["--ratio", "0.3", "--calib", str(tmp_path / "missing")], "missing")):
