@@ -294,3 +294,19 @@ def test_prune_real_minilm_ffns():
     feed = encode_sentences(sentences("eval", 2), 32)
     ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0]
     assert _run(res.model, feed).shape == ref.shape
+
+
+def test_refit_shift_of_a_matmul_that_is_the_graph_output():
+    # No bias Add after the down projection: the refit's shift gets its own Add, and the
+    # graph output keeps its name and shape.
+    src = _ffn_net(dead=tuple(range(0, 32, 4)))
+    del src.graph.node[-2:]  # drop the residual Add and the LayerNorm
+    src.graph.output[0].name = "down"
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((4, 16, 8)).astype(np.float32), "attention_mask": np.ones((4, 16), np.int64)}
+             for _ in range(8)]
+    res = prune(ir.from_proto(src), ratio=0.25, multiple=1, calib=feeds, progress=False)
+    assert res.report["refit_layers"] == ["down"] and [o.name for o in res.model.graph.outputs] == ["down"]
+    assert [n.op_type for n in res.model.graph][-2:] == ["MatMul", "Add"]
+    ref, new = _run(src, feeds[0]), _run(res.model, feeds[0])
+    assert np.abs(ref - new).max() <= 2e-3 * np.abs(ref).max()

@@ -43,7 +43,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.pruning.groups import ChannelSpace, Use, find_channel_spaces
+from onnxopt.pruning.groups import ChannelSpace, Use, _const, find_channel_spaces
+from onnxopt.quantization.qdq import _initializer, _unique
 
 __all__ = ["PruneResult", "prune", "prune_file"]
 
@@ -63,13 +64,6 @@ def _say(progress, msg: str) -> None:
         import sys
 
         print(f"onnxopt prune: {msg}", file=sys.stderr, flush=True)
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    t = ir.convenience.get_const_tensor(value)
-    return None if t is None else t.numpy()
 
 
 def _keep_count(channels: int, ratio: float, multiple: int) -> int:
@@ -121,6 +115,16 @@ def _channel_scores(space: ChannelSpace, rms: Mapping[str, np.ndarray] | None) -
     return score
 
 
+def _rows(a: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray:
+    """``a`` as [channels, samples] along ``axis``; of a ``[batch, sequence, features]``
+    tensor only the real tokens of ``mask`` (padding rows would dominate the statistics)."""
+    a = np.asarray(a, np.float64)
+    if mask is not None and a.ndim == 3 and mask.shape == a.shape[:2] and axis in (2, -1):
+        return a[mask != 0].T
+    a = np.moveaxis(a, axis, 0)
+    return a.reshape(a.shape[0], -1)
+
+
 def _channel_rms(model: ir.Model, feeds, tensors: Mapping[str, int]) -> dict[str, np.ndarray]:
     """Per-channel root-mean-square of ``tensors`` ({name: channel axis}) over ``feeds``, one pass."""
     from onnxopt.quantization.qdq import with_outputs
@@ -134,12 +138,7 @@ def _channel_rms(model: ir.Model, feeds, tensors: Mapping[str, int]) -> dict[str
             out = sess.run(dict(feed))
             mask = _token_mask(feed)
             for t, axis in tensors.items():
-                a = np.asarray(out[t], np.float64)
-                if mask is not None and a.ndim == 3 and mask.shape == a.shape[:2] and axis in (2, -1):
-                    a = a[mask != 0].T  # real tokens only
-                else:
-                    a = np.moveaxis(a, axis, 0)
-                    a = a.reshape(a.shape[0], -1)
+                a = _rows(out[t], axis, mask)
                 sq[t] = sq.get(t, 0) + (a ** 2).sum(axis=1)
                 cnt[t] = cnt.get(t, 0) + a.shape[1]
     finally:
@@ -157,10 +156,7 @@ def _features(node: ir.Node, x: np.ndarray, geo, max_positions: int, seed: int,
     if node.op_type == "Conv":
         cols = im2col_sample(x, geo, max_positions, np.random.default_rng(seed))  # C K P
         return cols.reshape(-1, cols.shape[-1])
-    rows = np.asarray(x, np.float64)
-    if mask is not None and rows.ndim == 3 and mask.shape == rows.shape[:2]:
-        return rows[mask != 0].T  # only the real tokens: padding rows would dominate the fit
-    return rows.reshape(-1, rows.shape[-1]).T
+    return _rows(x, -1, mask)
 
 
 def _token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -188,23 +184,14 @@ def _add_output_shift(model: ir.Model, node: ir.Node, shift: np.ndarray, taken: 
         if c is not None and c.ndim >= 1 and c.shape[-1] == shift.shape[0] and c.size == shift.shape[0]:
             _set_initializer(model, add, 1 - idx, (c + shift.reshape(c.shape)).astype(c.dtype), taken)
             return
-    name, i = f"{out.name}_prune_shift", 1
-    while name in taken:
-        name, i = f"{out.name}_prune_shift_{i}", i + 1
-    taken.add(name)
-    shifted = ir.Value(name=name, type=out.type)
-    const = ir.Value(name=f"{name}_value", const_value=ir.tensor(shift, name=f"{name}_value"), shape=ir.Shape(shift.shape))
-    const.dtype = ir.tensor(shift).dtype
-    taken.add(const.name)
-    model.graph.register_initializer(const)
-    out.replace_all_uses_with(shifted)
-    add = ir.node("Add", [out, const], outputs=[shifted], name=f"{node.name}_prune_shift")
-    model.graph.insert_after(node, add)
-    if out.is_graph_output():
-        for k, v in enumerate(model.graph.outputs):
-            if v is out:
-                model.graph.outputs[k] = shifted
-        shifted.name, out.name = out.name, name + "_unshifted"
+    name = _unique(f"{out.name}_prune_shift", taken)
+    shifted = ir.Value(name=name, type=out.type, shape=out.shape)
+    const = _initializer(model.graph, _unique(f"{name}_value", taken), shift)
+    was_output = out.is_graph_output()
+    out.replace_all_uses_with(shifted, replace_graph_outputs=True)
+    model.graph.insert_after(node, ir.node("Add", [out, const], outputs=[shifted], name=f"{node.name}_prune_shift"))
+    if was_output:  # the graph output keeps its name
+        shifted.name, out.name = out.name, _unique(f"{name}_unshifted", taken)
 
 
 def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.Node], targets, out_index,
@@ -224,7 +211,7 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
     done = []
     try:
         for step, node in enumerate(nodes):
-            w_full, _ = targets[node.name]
+            w_full = targets[node.name]
             x_name = node.inputs[0].name
             conv = node.op_type == "Conv"
             geo = _conv_geometry(node, w_full.shape) if conv else None
@@ -252,20 +239,16 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
             rows = out_index.get(node.name)
             if rows is not None:
                 w2 = w2[rows]
-            with_bias = True  # a MatMul's shift goes into the bias Add after it (added if there is none)
             d = hp.shape[0]
             if count < _MIN_SAMPLES_PER_FEATURE * (d + 1):
                 continue  # too few samples to fit d weights (a conv after a global pool): keep the cut
             hp, cpo, mp, mo = hp / count, cpo / count, mp / count, mo / count
-            rhs = cpo @ w2.T
-            if with_bias:
-                a = np.zeros((d + 1, d + 1))
-                a[:d, :d] = hp
-                a[:d, d] = a[d, :d] = mp
-                a[d, d] = 1.0
-                rhs = np.vstack([rhs, mo @ w2.T])
-            else:
-                a = hp.copy()
+            # Unknowns [W'; db]: the input features plus a constant 1 (the bias shift).
+            a = np.zeros((d + 1, d + 1))
+            a[:d, :d] = hp
+            a[:d, d] = a[d, :d] = mp
+            a[d, d] = 1.0
+            rhs = np.vstack([cpo @ w2.T, mo @ w2.T])
             a += _RIDGE * max(float(np.mean(np.diag(hp))), 1e-12) * np.eye(a.shape[0])
             sol = np.linalg.solve(a, rhs)
             cur = _const(node.inputs[1])
@@ -275,12 +258,10 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
             elif not _gemm_trans_b(node):
                 w_new = w_new.T
             _set_initializer(model, node, 1, w_new.astype(cur.dtype), taken)
-            if with_bias:
-                db = sol[d]
-                if node.op_type == "MatMul":
-                    _add_output_shift(model, node, db.astype(cur.dtype), taken)
-                    done.append(node.name)
-                    continue
+            db = sol[d]
+            if node.op_type == "MatMul":  # no bias input: the shift goes into the Add after it
+                _add_output_shift(model, node, db.astype(cur.dtype), taken)
+            else:
                 has_c = len(node.inputs) > 2 and node.inputs[2] is not None
                 if node.op_type == "Gemm":  # Y = alpha A B + beta C: the shift goes in as alpha db / beta
                     alpha = node.attributes.get_float("alpha", 1.0)
@@ -311,13 +292,7 @@ def _taken_names(model: ir.Model) -> set[str]:
 def _set_initializer(model: ir.Model, node: ir.Node, index: int, array: np.ndarray, taken: set[str]) -> None:
     old = node.inputs[index] if index < len(node.inputs) else None
     base = (old.name if old is not None and old.name else f"{node.name}_in{index}") + "_pruned"
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name), shape=ir.Shape(array.shape))
-    value.dtype = ir.tensor(array).dtype
-    model.graph.register_initializer(value)
+    value = _initializer(model.graph, _unique(base, taken), np.ascontiguousarray(array))
     if index >= len(node.inputs):
         node.resize_inputs(index + 1)
     node.replace_input_with(index, value)
@@ -391,12 +366,8 @@ def _prune_at(base: ir.Model, ratio: float, multiple: int, excluded: set[str], d
         if s.producers:
             space_rows.append(row)
 
-    # The original layers the refit aims at, before anything is cut.
-    original = model.clone() if ls_nodes else None
-    targets = {}
-    for node in ls_nodes:
-        b = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        targets[node.name] = (np.asarray(_const(node.inputs[1])), None if b is None else np.asarray(b))
+    # The original weights the refit aims at, before anything is cut (``base`` stays uncut).
+    targets = {node.name: np.asarray(_const(node.inputs[1])) for node in ls_nodes}
     out_index: dict[str, np.ndarray] = {}
 
     # Cut every use: (node, input index) -> the array as cut so far.
@@ -422,7 +393,7 @@ def _prune_at(base: ir.Model, ratio: float, multiple: int, excluded: set[str], d
     refit = []
     if ls_nodes:
         _say(progress, f"least-squares refit of {len(ls_nodes)} layers on {len(data)} calibration samples")
-        refit = _refit_sequential(original, model, ls_nodes, targets, out_index, data, max_positions, taken, progress)
+        refit = _refit_sequential(base, model, ls_nodes, targets, out_index, data, max_positions, taken, progress)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     check_model(model)
 

@@ -42,6 +42,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.passes._fusion_util import attr
+
 __all__ = ["ChannelSpace", "Segment", "Use", "find_channel_spaces"]
 
 _STD = ("", "ai.onnx")
@@ -150,14 +152,8 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
 class _Walker:
     def __init__(self, model: ir.Model):
-        self.model = model
         self.layouts: dict[int, _Layout] = {}  # id(value) -> layout
         self.spaces: list[ChannelSpace] = []
         self.opset = model.opset_imports.get("", 1)
@@ -198,7 +194,8 @@ class _Walker:
         return a
 
     def unknown(self, node: ir.Node, why: str) -> None:
-        """Pin what ``node`` reads; its float outputs get fresh pinned spaces (unknown channels)."""
+        """Pin what ``node`` reads; its outputs get no layout (a Conv reading one cuts nothing
+        on its input side)."""
         for v in node.inputs:
             self.pin_value(v, why)
 
@@ -254,7 +251,7 @@ class _Walker:
             return self.set(node.outputs[0], lay)
         if op == "Concat":
             return self.concat(node)
-        if op == "Flatten" and lay.nchw and lay.spatial_one and _attr(node, "axis", 1) == 1 and lay.rank is not None:
+        if op == "Flatten" and lay.nchw and lay.spatial_one and attr(node, "axis", 1) == 1 and lay.rank is not None:
             return self.set(node.outputs[0], _Layout(lay.segments, 2, True, last=True))
         if op in ("Resize", "Upsample") and lay.nchw and self.resize_keeps_channels(node):
             return self.set(node.outputs[0], lay)
@@ -280,7 +277,7 @@ class _Walker:
         return scales is not None and scales.size >= 2 and float(scales[0]) == 1.0 and float(scales[1]) == 1.0
 
     def pad_keeps_channels(self, node: ir.Node, lay: _Layout) -> bool:
-        pads = _attr(node, "pads", None) if self.opset < 11 else _const(node.inputs[1] if len(node.inputs) > 1 else None)
+        pads = attr(node, "pads", None) if self.opset < 11 else _const(node.inputs[1] if len(node.inputs) > 1 else None)
         if pads is None or lay.rank is None or (self.opset >= 18 and len(node.inputs) > 3 and node.inputs[3] is not None):
             return False
         pads = list(np.asarray(pads).reshape(-1))
@@ -289,7 +286,7 @@ class _Walker:
     def conv(self, node: ir.Node, lay: _Layout | None) -> None:
         w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
         bias_ok = len(node.inputs) < 3 or node.inputs[2] is None or _const(node.inputs[2]) is not None
-        group = int(_attr(node, "group", 1))
+        group = int(attr(node, "group", 1))
         if w is None or not bias_ok or w.ndim < 3:
             return self.unknown(node, f"read by {node.op_type} {node.name} (weight or bias not constant)")
         transpose = node.op_type == "ConvTranspose"
@@ -327,9 +324,9 @@ class _Walker:
         (B's columns, Gemm's bias)."""
         b = _const(node.inputs[1]) if len(node.inputs) > 1 else None
         gemm = node.op_type == "Gemm"
-        if b is None or b.ndim != 2 or (gemm and _attr(node, "transA", 0)):
+        if b is None or b.ndim != 2 or (gemm and attr(node, "transA", 0)):
             return self.unknown(node, f"read by {node.op_type} {node.name}")
-        trans_b = gemm and bool(_attr(node, "transB", 0))
+        trans_b = gemm and bool(attr(node, "transB", 0))
         k_axis, n_axis = (1, 0) if trans_b else (0, 1)
         if lay is not None:
             if not (lay.last or lay.rank == 2) or (gemm and lay.rank not in (2, None)):
@@ -386,7 +383,7 @@ class _Walker:
         lays = [self.layout(v) for v in node.inputs]
         ranks = {lay.rank for lay in lays if lay is not None}
         lasts = {lay.last for lay in lays if lay is not None}
-        axis = int(_attr(node, "axis", 1))
+        axis = int(attr(node, "axis", 1))
         rank = next(iter(ranks)) if len(ranks) == 1 else None
         if any(lay is None for lay in lays) or rank is None or len(lasts) != 1:
             return self.unknown(node, f"read by Concat {node.name}")
