@@ -57,6 +57,15 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return array
 
 
+def scalar_value(value: ir.Value | None, *, max_rank: int | None = None) -> float | None:
+    """The number in a one-element float constant (of rank <= ``max_rank`` when given: such a
+    constant never raises the rank of what it broadcasts with), else None."""
+    arr = const_array(value)
+    if arr is None or arr.size != 1 or arr.dtype.kind != "f" or (max_rank is not None and arr.ndim > max_rank):
+        return None
+    return float(arr.reshape(-1)[0])
+
+
 def is_float_array(arr: np.ndarray | None) -> bool:
     return arr is not None and arr.dtype.kind == "f"
 

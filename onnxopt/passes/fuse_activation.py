@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxopt.passes._fusion_util import NodeRewritePass, attr, producer_op, remove_nodes, take_over
-from onnxopt.passes.fuse_transformer import _close, _const_and_other, _only_for, _scalar
+from onnxopt.passes._fusion_util import NodeRewritePass, attr, producer_op, remove_nodes, scalar_value, take_over
+from onnxopt.passes.fuse_transformer import _close, _const_and_other, _only_for
 from onnxopt.passes.registry import register_pass
 
 
@@ -73,7 +73,7 @@ class FuseHardSwishPass(NodeRewritePass):
         split = _const_and_other(node)
         if split is None:
             return None
-        k = _scalar(split[0])
+        k = scalar_value(split[0])
         if node.op_type == "Div":
             if node.inputs[1] is not split[0] or not _close(k, 6.0, 1e-6):
                 return None
@@ -87,7 +87,7 @@ class FuseHardSwishPass(NodeRewritePass):
             if clip is None or not _only_for(c, mul):
                 continue
             if len(clip.inputs) >= 3:
-                lo, hi = _scalar(clip.inputs[1]), _scalar(clip.inputs[2])
+                lo, hi = scalar_value(clip.inputs[1]), scalar_value(clip.inputs[2])
             else:
                 lo, hi = attr(clip, "min"), attr(clip, "max")
             if lo is None or hi is None or lo != 0.0 or not _close(float(hi), 6.0, 1e-6):
@@ -96,7 +96,7 @@ class FuseHardSwishPass(NodeRewritePass):
             if add is None or not _only_for(clip.inputs[0], clip):
                 continue
             add_split = _const_and_other(add)
-            if add_split is None or add_split[1] is not x or not _close(_scalar(add_split[0]), 3.0, 1e-6):
+            if add_split is None or add_split[1] is not x or not _close(scalar_value(add_split[0]), 3.0, 1e-6):
                 continue
             return x, [mul, clip, add]
         return None

@@ -47,17 +47,11 @@ from onnxopt.passes._fusion_util import (
     make_const,
     producer_op,
     remove_nodes,
+    scalar_value,
     sole_use,
     take_over,
 )
 from onnxopt.passes.registry import register_pass
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    arr = const_array(value)
-    if arr is None or arr.size != 1 or arr.dtype.kind != "f":
-        return None
-    return float(arr.reshape(-1)[0])
 
 
 def _close(a: float | None, b: float, rel: float = 1e-5) -> bool:
@@ -198,7 +192,7 @@ class FuseLayerNormPass(_Fusion):
         split = _const_and_other(add)
         if split is None:
             return None
-        eps = _scalar(split[0])
+        eps = scalar_value(split[0])
         var = split[1]
         rm2 = producer_op(var, "ReduceMean")
         # LayerNormalization's epsilon must be a finite number >= 0 (ONNX Runtime refuses
@@ -209,7 +203,7 @@ class FuseLayerNormPass(_Fusion):
         if sq is None or sq.domain not in ("", "ai.onnx"):
             return None
         if sq.op_type == "Pow":
-            if sq.inputs[0] is not d or _scalar(sq.inputs[1]) != 2.0:
+            if sq.inputs[0] is not d or scalar_value(sq.inputs[1]) != 2.0:
                 return None
         elif sq.op_type == "Mul":
             if sq.inputs[0] is not d or sq.inputs[1] is not d:
@@ -300,7 +294,7 @@ class FuseGeluPass(_Fusion):
 
     def _match(self, factors: list[ir.Value]):
         """(x, approximate, nodes of the ``1 + erf/tanh(...)`` branch) if factors are x, 0.5, that branch."""
-        half = [f for f in factors if _close(_scalar(f), 0.5)]
+        half = [f for f in factors if _close(scalar_value(f), 0.5)]
         if not half:
             return None
         rest = list(factors)
@@ -310,7 +304,7 @@ class FuseGeluPass(_Fusion):
             if add is None:
                 continue
             split = _const_and_other(add)
-            if split is None or not _close(_scalar(split[0]), 1.0):
+            if split is None or not _close(scalar_value(split[0]), 1.0):
                 continue
             inner = split[1]
             erf = producer_op(inner, "Erf")
@@ -340,13 +334,13 @@ class FuseGeluPass(_Fusion):
     def _erf_branch(erf: ir.Node, x: ir.Value) -> list[ir.Node] | None:
         scaled = producer_op(erf.inputs[0], "Div")
         if scaled is not None:
-            if scaled.inputs[0] is x and _close(_scalar(scaled.inputs[1]), _SQRT2):
+            if scaled.inputs[0] is x and _close(scalar_value(scaled.inputs[1]), _SQRT2):
                 return [scaled]
             return None
         scaled = producer_op(erf.inputs[0], "Mul")
         if scaled is not None:
             split = _const_and_other(scaled)
-            if split is not None and split[1] is x and _close(_scalar(split[0]), 1 / _SQRT2):
+            if split is not None and split[1] is x and _close(scalar_value(split[0]), 1 / _SQRT2):
                 return [scaled]
         return None
 
@@ -354,7 +348,7 @@ class FuseGeluPass(_Fusion):
     def _tanh_branch(tanh: ir.Node, x: ir.Value) -> list[ir.Node] | None:
         s = producer_op(tanh.inputs[0], "Mul")
         split = _const_and_other(s) if s is not None else None
-        if split is None or not _close(_scalar(split[0]), _SQRT_2_OVER_PI):
+        if split is None or not _close(scalar_value(split[0]), _SQRT_2_OVER_PI):
             return None
         r = producer_op(split[1], "Add")
         if r is None or len(r.inputs) != 2:
@@ -362,12 +356,12 @@ class FuseGeluPass(_Fusion):
         q_val = r.inputs[1] if r.inputs[0] is x else (r.inputs[0] if r.inputs[1] is x else None)
         q = producer_op(q_val, "Mul")
         split = _const_and_other(q) if q is not None else None
-        if split is None or not _close(_scalar(split[0]), 0.044715):
+        if split is None or not _close(scalar_value(split[0]), 0.044715):
             return None
         cube = split[1].producer()
         if cube is None:
             return None
-        if cube.op_type == "Pow" and cube.inputs[0] is x and _scalar(cube.inputs[1]) == 3.0:
+        if cube.op_type == "Pow" and cube.inputs[0] is x and scalar_value(cube.inputs[1]) == 3.0:
             return [s, r, q, cube]
         if cube.op_type == "Mul":
             a, b = cube.inputs

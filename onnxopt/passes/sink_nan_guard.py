@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxopt.passes._fusion_util import NodeRewritePass, attr, const_array, producer_op, sole_use, take_over
+from onnxopt.passes._fusion_util import NodeRewritePass, attr, producer_op, scalar_value, sole_use, take_over
 from onnxopt.passes.registry import register_pass
 
 _STD = ("", "ai.onnx")
@@ -64,9 +64,8 @@ class SinkNanGuardPass(NodeRewritePass):
             return False
         if sole_use(cond) is not where or not _softmax_over_last_axis(softmax, self.opset(graph) or 1):
             return False
-        z = const_array(zero)
         # One element of rank <= 1: it broadcasts to P's shape and to the MatMul output's alike.
-        if z is None or z.dtype.kind != "f" or z.size != 1 or z.ndim > 1 or float(z.reshape(-1)[0]) != 0.0:
+        if scalar_value(zero, max_rank=1) != 0.0:
             return False
         g = where.outputs[0]
         matmul = sole_use(g)

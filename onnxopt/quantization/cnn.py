@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.graph import all_nodes, opset_version
-from onnxopt.passes._fusion_util import const_array
+from onnxopt.passes._fusion_util import const_array, scalar_value
 from onnxopt.quantization import glue
 from onnxopt.quantization.analysis import ORIGIN_KEY, ORIGIN_OP_KEY
 
@@ -47,15 +47,6 @@ __all__ = [
 ]
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    # const_array: this runs before the model is known to load, and a malformed Constant
-    # (no value attribute) must mean "not a constant" here, not a crash.
-    arr = const_array(value)
-    if arr is None:
-        return None
-    return float(arr.reshape(-1)[0]) if arr.size == 1 and arr.dtype.kind == "f" else None
-
-
 def count_decomposed_hardswish(model: ir.Model) -> int:
     """How many ``Mul(x, Clip(Add(x, 3), 0, 6))`` (hard-swish before its ``/ 6``) the model has."""
     count = 0
@@ -65,7 +56,7 @@ def count_decomposed_hardswish(model: ir.Model) -> int:
         add = node.inputs[0].producer()
         if add is None or add.op_type != "Add" or len(add.inputs) != 2:
             continue
-        k = [_scalar(v) for v in add.inputs]
+        k = [scalar_value(v) for v in add.inputs]
         if 3.0 not in k:
             continue
         x = add.inputs[1 - k.index(3.0)]
@@ -129,7 +120,7 @@ def _through_scalar_affine(value: ir.Value) -> ir.Node | None:
     for _ in range(2):
         if node is None or node.op_type not in ("Mul", "Add") or len(node.inputs) != 2:
             break
-        k = [_scalar(v) for v in node.inputs]
+        k = [scalar_value(v) for v in node.inputs]
         if (k[0] is None) == (k[1] is None):
             break
         nxt = node.inputs[1] if k[0] is not None else node.inputs[0]
