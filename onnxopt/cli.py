@@ -417,9 +417,7 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
     from onnxopt.inputs import parse_shape_specs
     from onnxopt.quantization import quantize_file
 
-    if image_size and image_spec:
-        raise OnnxoptError("give either --image-size or --image-spec, not both")
-    spec = image_spec or (f"{image_size},mean=0.5,std=0.5" if image_size else None)
+    spec = _image_spec(image_size, image_spec)
     result = quantize_file(
         model, output, calib=calib, method=method, target=target, per_channel=per_channel, exclude=exclude,
         samples=samples, max_drop=max_drop, report=report_path, smoothquant=smoothquant,
@@ -474,11 +472,9 @@ def prune(model, output, ratio, calib, samples, image_size, image_spec, exclude,
     from onnxopt.inputs import parse_shape_specs
     from onnxopt.pruning import prune_file
 
-    if image_size and image_spec:
-        raise OnnxoptError("give either --image-size or --image-spec, not both")
-    if (samples or image_size or image_spec or no_refit or max_drop is not None) and not calib:
+    spec = _image_spec(image_size, image_spec)
+    if (samples or spec or no_refit or max_drop is not None) and not calib:
         raise OnnxoptError("--samples, --image-size, --image-spec, --no-refit and --max-drop need --calib")
-    spec = image_spec or (f"{image_size},mean=0.5,std=0.5" if image_size else None)
     result = prune_file(model, output, ratio=ratio, calib=calib, samples=samples, image_spec=spec, exclude=exclude,
                         multiple=multiple, reconstruct=not no_refit, max_drop=max_drop, report=report_path,
                         shapes=parse_shape_specs(shapes) or None, progress=not quiet)
@@ -495,6 +491,13 @@ def prune(model, output, ratio, calib, samples, image_size, image_spec, exclude,
                       "do not reflect real inputs")
     for name, d in rep["outputs_vs_original"].items():
         out.print(f"output {name} vs the original ({rep['evaluated_on']}): cosine min {d['cosine_min']:.4f}, max abs error {d['max_abs']:.4g}")
+
+
+def _image_spec(image_size: str | None, image_spec: str | None) -> str | None:
+    """The image preprocessing of --image-spec, or of --image-size with the [-1, 1] default."""
+    if image_size and image_spec:
+        raise OnnxoptError("give either --image-size or --image-spec, not both")
+    return image_spec or (f"{image_size},mean=0.5,std=0.5" if image_size else None)
 
 
 def _write_json(path: str, data) -> None:
