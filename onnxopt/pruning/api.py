@@ -429,7 +429,7 @@ def prune(
     the ranking and refit do not see); needs ``calib``. ``report``: also write the report as JSON.
     """
     from onnxopt.graph import parameter_stats
-    from onnxopt.model_io import check_output_path, load_model
+    from onnxopt.model_io import check_output_path
     from onnxopt.optimize import optimize, sample_feeds
     from onnxopt.quantization import analysis
     from onnxopt.quantization.api import _cosine_drop, _Slice
@@ -446,11 +446,7 @@ def prune(
         raise OnnxoptError("--max-drop needs --calib: the drop is measured on held-out calibration samples")
     if report is not None:
         check_output_path(report)
-    src = model_or_path if isinstance(model_or_path, ir.Model) else load_model(model_or_path)
-    already = analysis.is_quantized(src)
-    if already:
-        raise OnnxoptError(f"the model is quantized (it contains {already}); prune the float model")
-    analysis.check_exclusions(src, exclude)
+    src = analysis.load_float_model(model_or_path, exclude, "prune")
     data = None
     if calib is not None:
         from onnxopt.calibration import load_calibration_data

@@ -274,3 +274,16 @@ def is_quantized(model: ir.Model) -> str | None:
         if node.op_type in quant_ops or node.op_type.startswith("QLinear") or node.op_type == "MatMulIntegerToFloat":
             return node.op_type
     return None
+
+
+def load_float_model(model_or_path, exclude, verb: str) -> ir.Model:
+    """The user's model (loaded from a path or as given), refused when it is already quantized,
+    with ``--exclude`` checked against it before any slow work; ``verb`` names the command."""
+    from onnxopt.model_io import load_model
+
+    src = model_or_path if isinstance(model_or_path, ir.Model) else load_model(model_or_path)
+    already = is_quantized(src)
+    if already:
+        raise OnnxoptError(f"the model is already quantized (it contains {already}); {verb} the float model")
+    check_exclusions(src, exclude)
+    return src

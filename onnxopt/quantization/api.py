@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import op_histogram, opset_version
-from onnxopt.model_io import check_output_path, load_model, save_model
+from onnxopt.model_io import check_output_path, save_model
 from onnxopt.quantization import analysis, cnn, glue
 from onnxopt.quantization.context import QuantContext
 from onnxopt.quantization.opset import ensure_opset
@@ -200,12 +200,7 @@ def quantize(
     scheme = scheme_for(target, per_channel=per_channel)
     if report is not None:
         check_output_path(report)
-    src = model_or_path if isinstance(model_or_path, ir.Model) else load_model(model_or_path)
-    already = analysis.is_quantized(src)
-    if already:
-        raise OnnxoptError(f"the model is already quantized (it contains {already}); quantize the float model")
-    # Check --exclude against the original node names and op types before any work.
-    analysis.check_exclusions(src, exclude)
+    src = analysis.load_float_model(model_or_path, exclude, "quantize")
     rep: dict = {"scheme": scheme.describe(), "method": method, "target": target}
 
     # Open (and validate the first feed of) the calibration data before any slow work.
