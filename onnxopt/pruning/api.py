@@ -433,7 +433,8 @@ def prune(
     from onnxopt.optimize import optimize, sample_feeds
     from onnxopt.quantization import analysis
     from onnxopt.quantization.api import _cosine_drop, _Slice
-    from onnxopt.verify import compare_outputs, run_model
+    from onnxopt.quantization.sensitivity import run_all
+    from onnxopt.verify import compare_outputs
 
     t0 = time.perf_counter()
     if not (0.0 < ratio < 1.0):
@@ -477,7 +478,7 @@ def prune(
     if max_drop is None:
         pruned, info = attempt(ratio)
     else:
-        refs = [run_model(src, f) for f in held]
+        refs = run_all(src, held)
         grid = [k / 16 for k in range(1, 16) if k / 16 <= ratio + 1e-12] or [ratio]
         lo, hi, best, search = 0, len(grid) - 1, None, []
         while lo <= hi:  # the largest grid ratio whose drop is within max_drop (drops grow with the ratio)
@@ -491,7 +492,7 @@ def prune(
                 search.append({"ratio": grid[mid], "drop": 0.0, "note": "nothing to prune"})
                 lo = mid + 1
                 continue
-            drop = _cosine_drop(refs, [run_model(cand, f) for f in held])[0]
+            drop = _cosine_drop(refs, run_all(cand, held))[0]
             search.append({"ratio": grid[mid], "drop": drop})
             if drop <= max_drop:
                 best, lo = (grid[mid], cand, cinfo), mid + 1
@@ -512,11 +513,10 @@ def prune(
     else:
         feeds = sample_feeds(src, shapes=shapes, count=2)
         evaluated_on = f"{len(feeds)} generated inputs"
-    diffs = []
-    for feed in feeds:
-        ref = run_model(src, feed)
-        new = run_model(model, feed)
-        diffs.append({d.name: d for d in compare_outputs(ref, new, rtol=0.0, atol=0.0)})
+    # One session per model (the held-out references are the search's, when it ran).
+    refs_eval = refs if held else run_all(src, feeds)
+    diffs = [{d.name: d for d in compare_outputs(ref, new, rtol=0.0, atol=0.0)}
+             for ref, new in zip(refs_eval, run_all(model, feeds))]
     outputs = {}
     for name in diffs[0]:
         outputs[name] = {"cosine_min": min(d[name].cosine for d in diffs),
