@@ -129,7 +129,8 @@ def test_cli_writes_json_csv_and_table(tmp_path, capsys, mlp, mlp_int8):
     assert data["packages"]["onnxruntime"] == ort.__version__
     assert data["machine"]["cpu"] and data["machine"]["physical_cores"] == physical_cores()
     assert data["settings"]["threads"] == {"intra_op": physical_cores(), "inter_op": 1, "execution_mode": "sequential",
-                                           "source": "physical cores", "spinning": True}
+                                           "source": "physical cores", "spinning": True,
+                                           "spinning_stops_after_run": True}
     assert data["settings"]["providers"]["cpu"]["name"] == "CPUExecutionProvider"
     assert data["comparisons"][0]["outputs"][0]["name"] == "y"
     rows = list(csv.DictReader(io.StringIO(cs.read_text())))
@@ -441,6 +442,34 @@ def test_threads_and_spinning_are_set_and_recorded(tmp_path, capsys, mlp):
     assert (so.intra_op_num_threads, so.inter_op_num_threads) == (3, 1)
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_interleaved_sessions_stop_spinning_after_each_run(tmp_path, capsys, mlp, monkeypatch):
+    # Alternating sessions on few cores: the previous session's spinning pool must not
+    # compete with the running one, so each session's spin ends with its run.
+    import onnxopt.bench.core as core
+
+    seen = []
+    real = core.ort.InferenceSession
+
+    def recording(src, so, **kw):
+        try:
+            seen.append(so.get_session_config_entry("session.force_spinning_stop"))
+        except RuntimeError:  # not set
+            seen.append(None)
+        return real(src, so, **kw)
+
+    monkeypatch.setattr(core.ort, "InferenceSession", recording)
+    js = tmp_path / "r.json"
+    assert main(["bench", mlp, mlp, "--threads", "1", "--runs", "3", "--warmup", "0", "--json", str(js)]) == 0
+    assert "spinning stopped after each run" in " ".join(capsys.readouterr().out.split())
+    assert seen == ["1", "1"]
+    assert json.loads(js.read_text())["settings"]["threads"]["spinning_stops_after_run"] is True
+    seen.clear()
+    assert main(["bench", mlp, "--threads", "1", "--runs", "3", "--warmup", "0", "--json", str(js)]) == 0
+    assert "spinning stopped" not in capsys.readouterr().out
+    assert seen == [None]  # one session alone keeps ORT's default: what a deployment sees
+    assert json.loads(js.read_text())["settings"]["threads"]["spinning_stops_after_run"] is False
 
 
 def test_model_that_fails_at_run_time_is_one_line(tmp_path, capsys):

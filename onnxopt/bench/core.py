@@ -183,17 +183,24 @@ def _batch_of(feeds: Mapping[str, np.ndarray]) -> int:
 
 # --- sessions and the timed call --------------------------------------------------------------
 
-def session_options(threads: int, *, spinning: bool = True) -> ort.SessionOptions:
+def session_options(threads: int, *, spinning: bool = True, stop_spinning_after_run: bool = False) -> ort.SessionOptions:
     """Intra-op = ``threads``, inter-op 1, sequential: the setting latency numbers need.
 
-    ``spinning=False`` stops idle pool threads from busy-waiting for the next run (ORT's
-    default is to spin, which lowers latency of back-to-back runs but lets one
-    session's idle threads compete for cores with another session's running ones).
+    ``spinning=False`` stops pool threads from ever busy-waiting (ORT's default is to
+    spin, which lowers the latency of a run's many parallel sections).
+    ``stop_spinning_after_run=True`` keeps the spinning inside a run but ends it when
+    the run returns (ORT's ``session.force_spinning_stop``). Several sessions timed in
+    turn need it: otherwise the previous session's pool is still spinning while the next
+    one runs, and on 2 cores that took half of its CPU (PP-OCRv4 det fp32 61 ms a run
+    alternating against 28 ms with the spin stopped; int8 36 against 16; back to back,
+    one session alone, the two settings are within 1%).
     """
     so = ort.SessionOptions()
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    elif stop_spinning_after_run:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 4  # fatal only: run errors become one OnnxoptError line, not ORT log spam
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -284,8 +291,11 @@ def _timed_rounds(
     ``block`` > 1 runs each model that many times back to back within a round: a model
     then mostly runs after itself, with its weights and buffers still in cache, as a
     deployed model does. With one run per turn every run follows another model, which
-    costs a large model more (MiniLM fp32, 90 MB of weights: 27 ms per run interleaved
-    against 10 ms back to back on this 2-core VM; its int8 model: 10 against 5.6).
+    costs a model with large weights more (MiniLM fp32, 90 MB: 11.4 ms a run alternating
+    against 8.9 ms in blocks of 20 on this 2-core VM; its int8 model 6.0 against 3.7;
+    PP-OCRv4 det, 4.7 MB: within 2%). Those are with each session's spinning stopped
+    after its run (``session_options``); before that, alternating also charged every run
+    for the previous session's spinning threads.
     """
     pc = time.perf_counter_ns
     times: list[list[int]] = [[] for _ in steps]
@@ -482,6 +492,7 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
             "execution_mode": "sequential",
             "source": "--threads" if threads_given else "physical cores",
             "spinning": spinning,
+            "spinning_stops_after_run": spinning and len(loaded) > 1,
         },
         "block": block,
         "warmup": warmup,
@@ -528,7 +539,9 @@ def _bench_setting(loaded, config, batch, feeds, *, n_threads, spinning, warmup,
             providers, provider_options = config.session_args()
             t0 = time.perf_counter_ns()
             try:
-                sess = ort.InferenceSession(src, session_options(n_threads, spinning=spinning), providers=providers, provider_options=provider_options)
+                # Several sessions in turn: each one's spinning must end with its run (see session_options).
+                so = session_options(n_threads, spinning=spinning, stop_spinning_after_run=len(loaded) > 1)
+                sess = ort.InferenceSession(src, so, providers=providers, provider_options=provider_options)
             except Exception as e:
                 raise OnnxoptError(f"{m.label}: onnxruntime cannot create a {config.short} session: {_first_line(e)}") from None
             init_ms = (time.perf_counter_ns() - t0) / 1e6

@@ -129,7 +129,7 @@ class BenchReport:
         th = self.settings["threads"]
         t.caption = (
             f"threads: intra-op {th['intra_op']} ({th['source']}), inter-op {th['inter_op']}, {th['execution_mode']}"
-            f"{'' if th.get('spinning', True) else ', no spinning'}; "
+            f"{', no spinning' if not th.get('spinning', True) else ', spinning stopped after each run' if th.get('spinning_stops_after_run') else ''}; "
             f"warm-up {self.settings['warmup']} runs; first run and session init not in the statistics"
             + ("; interleaved rounds" + (f" of {self.settings.get('block', 1)} back-to-back runs per model"
                                          if self.settings.get("block", 1) > 1 else "")
