@@ -21,9 +21,10 @@ Candidates (same calibration and held-out data for all, from onnxopt.testing.rea
   already gives min IoU 0.89, so its min IoU is reported but cannot judge a quantizer).
 - Latency: ``onnxopt.bench.benchmark``, all candidates of a model interleaved in rounds,
   2 intra-op threads, speedup over fp32 = median of paired per-round ratios with a
-  bootstrap 95% interval. MiniLM is timed twice: alternating one run per model (each run
-  starts after another model's, cold caches) and in blocks of 20 runs per model per round
-  (``--block 20``: warm, as a deployed model runs); the two differ for fp32's 90 MB. Quantization time is wall time of the whole call (ours includes
+  bootstrap 95% interval. Each model is timed twice: alternating one run per model (each run
+  starts after another model's, cold caches) and in blocks of runs per model per round
+  (MiniLM ``--block 20``, det ``--block 5``: warm, as a deployed model runs); the two differ
+  most for fp32's 90 MB of MiniLM weights and det's float feature maps. Quantization time is wall time of the whole call (ours includes
   the float optimize pipeline and the checks).
 - Calibration memory and time at 16 / 128 / 512 samples: ``benchmarks/calibration_memory.py``'s
   subprocess runner (each run in its own process, peak RSS from wait4), ours vs ORT MinMax.
@@ -60,7 +61,8 @@ def _bench(paths: dict[str, str], feed: dict, threads: int, runs: int, block: in
     return out
 
 
-WARM_BLOCK = 20
+WARM_BLOCK = 20  # MiniLM: ~5-10 ms a run
+DET_WARM_BLOCK = 5  # det: ~30-60 ms a run, so fewer back-to-back runs give warm caches
 
 
 def _session(path: str, threads: int):
@@ -156,7 +158,7 @@ def minilm(args, tmp: str) -> list[dict]:
     # The same pairs with each model run 20 times back to back per round: warm caches, as a
     # deployed model runs. fp32's 90 MB of weights suffer most from alternating runs.
     for name, r in _bench(paths, one, args.threads, args.runs, block=WARM_BLOCK, key="_warm").items():
-        rows[name].update(r)
+        rows[name].update(r, warm_block=WARM_BLOCK)
     return [{"model": "MiniLM-L6 seq128", "candidate": k, **v} for k, v in rows.items()]
 
 
@@ -204,6 +206,11 @@ def det(args, tmp: str) -> list[dict]:
             paths.pop(name)
     for name, r in _bench(paths, ev_text[0], args.threads, max(20, args.runs // 2)).items():
         rows[name].update(r)
+    # Warm as well, as for MiniLM: the float models' maps and weights suffer most from
+    # starting each run after another model's.
+    for name, r in _bench(paths, ev_text[0], args.threads, max(20, args.runs // 2), block=DET_WARM_BLOCK,
+                          key="_warm").items():
+        rows[name].update(r, warm_block=DET_WARM_BLOCK)
     return [{"model": "PP-OCRv4 det 640", "candidate": k, **v} for k, v in rows.items()]
 
 
@@ -239,9 +246,9 @@ def _print(rows: list[dict]) -> None:
         sub = [r for r in rows if r["model"] == model]
         acc = (["cosine_mean", "cosine_min", "nn_agreement"] if "cosine_mean" in sub[0]
                else ["text_mean_iou", "text_min_iou", "mean_iou", "min_iou"])
-        warm = any("p50_ms_warm" in r for r in sub)
+        warm = next((r["warm_block"] for r in sub if "warm_block" in r), None)
         for col in ["candidate", "setting", *acc, "p50_ms", "speedup [95% CI]",
-                    *([f"p50_ms in blocks of {WARM_BLOCK}", "speedup warm [95% CI]"] if warm else []), "quant_s", "error"]:
+                    *([f"p50_ms in blocks of {warm}", "speedup warm [95% CI]"] if warm else []), "quant_s", "error"]:
             t.add_column(col)
 
         def sp(r, key=""):
