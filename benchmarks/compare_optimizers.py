@@ -108,6 +108,9 @@ def session(path: pathlib.Path, threads: int, optimize: bool):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Timed in turn with other sessions: each one's spinning must end with its run
+    # (onnxopt.bench.session_options).
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -50,6 +50,9 @@ def _session(model):
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Timed in turn with other sessions: each one's spinning must end with its run
+    # (onnxopt.bench.session_options).
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     data = model if isinstance(model, (str, bytes)) else ir.to_proto(model).SerializeToString()
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
