@@ -104,13 +104,10 @@ def make_feeds(path: pathlib.Path, shapes: dict) -> dict:
 def session(path: pathlib.Path, threads: int, optimize: bool):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    # Timed in turn with other sessions: each one's spinning must end with its run
-    # (onnxopt.bench.session_options).
-    so.add_session_config_entry("session.force_spinning_stop", "1")
+    from onnxopt.bench import session_options
+
+    # Timed in turn with other sessions: each one's spinning must end with its run.
+    so = session_options(threads, stop_spinning_after_run=True)
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

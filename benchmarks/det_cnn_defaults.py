@@ -46,13 +46,10 @@ def _session(model):
     import onnx_ir as ir
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    # Timed in turn with other sessions: each one's spinning must end with its run
-    # (onnxopt.bench.session_options).
-    so.add_session_config_entry("session.force_spinning_stop", "1")
+    from onnxopt.bench import session_options
+
+    # Timed in turn with other sessions: each one's spinning must end with its run.
+    so = session_options(THREADS, stop_spinning_after_run=True)
     data = model if isinstance(model, (str, bytes)) else ir.to_proto(model).SerializeToString()
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
