@@ -367,7 +367,9 @@ def quantize(
         _search_ranges(model, layers, ranges, scheme, calib_data, rep, progress)
 
     def build(selected: list, ctx_: QuantContext | None = None):
-        qmodel, qlayers = build_qdq(model, selected, ranges, scheme, glue=glue_nodes)
+        # The fallback's float layers take the glue between them along (glue_near_quantized).
+        near = glue_nodes if len(selected) == len(layers) else glue.glue_near_quantized(model, glue_nodes, selected)
+        qmodel, qlayers = build_qdq(model, selected, ranges, scheme, glue=near)
         if ctx_ is not None:
             ctx_.layers = qlayers
             _run_hooks(weight_transforms, qmodel, ctx_, "weight_transforms")

@@ -43,9 +43,57 @@ def is_constant(value: ir.Value | None) -> bool:
 
 
 def find_glue(model: ir.Model, layers: Sequence) -> list[GlueNode]:
-    """The Add/Mul/Concat/Resize nodes to quantize, or none when ``layers`` holds anything but Conv."""
+    """The Add/Mul/Concat/Resize nodes to quantize, or none when ``layers`` holds anything but Conv.
+
+    Only glue next to the int8 part of the graph (:func:`glue_near_quantized`).
+    """
     if not layers or any(l.op_type != "Conv" for l in layers):
         return []
+    return glue_near_quantized(model, _all_glue(model), layers)
+
+
+# Nodes that bound a float "island" of glue and element-wise ops: the layers (quantized or not).
+_COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def glue_near_quantized(model: ir.Model, glue: Sequence[GlueNode], layers: Sequence) -> list[GlueNode]:
+    """The glue nodes whose island touches a quantized layer.
+
+    An island is what is connected through float tensors without crossing a Conv, MatMul or
+    Gemm (glue, activations, pooling). In an island bounded only by float layers (the
+    float front, ``--exclude``, the ``--max-drop`` fallback) a QLinearAdd/Mul would only add
+    Quantize/Dequantize pairs, and their rounding, between float ops.
+    """
+    if not glue:
+        return []
+    selected = {l.name for l in layers}
+    nodes = {n.name: n for n in model.graph}
+    island_of: dict[int, bool] = {}  # id(node) -> whether its island touches a selected layer
+
+    def touches(start: ir.Node) -> bool:
+        if id(start) in island_of:
+            return island_of[id(start)]
+        seen, stack, found = {id(start)}, [start], False
+        while stack:
+            n = stack.pop()
+            near = [v.producer() for v in n.inputs if v is not None and v.dtype in _FLOAT and not is_constant(v)]
+            near += [c for v in n.outputs if v.dtype in _FLOAT for c in v.consumers()]
+            for m in near:
+                if m is None or id(m) in seen:
+                    continue
+                seen.add(id(m))
+                if m.op_type in _COMPUTE_OPS and m.domain in ("", "ai.onnx"):
+                    found = found or m.name in selected
+                else:
+                    stack.append(m)
+        for i in seen:
+            island_of[i] = found
+        return found
+
+    return [g for g in glue if g.name in nodes and touches(nodes[g.name])]
+
+
+def _all_glue(model: ir.Model) -> list[GlueNode]:
     out: list[GlueNode] = []
     for node in model.graph:
         if node.op_type not in GLUE_OPS or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
