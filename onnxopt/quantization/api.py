@@ -182,9 +182,10 @@ def quantize(
     (:mod:`.range_search`; off: measured worse on MiniLM). ``equalize``: cross-layer
     equalization as the first float transform: True/"on", False/"off", "auto" (currently
     off, measured in :mod:`.cnn`, which also holds the other CNN defaults: hard-swish fusion
-    via opset 14, the float high-resolution front, the range rules). ``float_front``: keep a
-    CNN's high-resolution front convs float (:func:`.cnn.float_front_layers`; more accurate,
-    and on ONNX Runtime's CPU provider about as fast); False quantizes them too.
+    via opset 14, the float front, the range rules). ``float_front``: keep a CNN's front
+    float (:func:`.cnn.float_front_layers`: a dense-prediction network's encoder, or the
+    high-resolution convs, or the stem; more accurate, and on ONNX Runtime's CPU provider
+    about as fast); False quantizes them too.
     """
     from onnxopt.calibration import collect_stats, load_calibration_data
     from onnxopt.optimize import optimize
