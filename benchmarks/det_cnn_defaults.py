@@ -27,7 +27,8 @@ import time
 import numpy as np
 
 THREADS = 2
-STEPS = ("plain", "hardswish", "affine_fold", "clamp", "mse", "glue", "float_stem", "float_front", "convt_pair")
+STEPS = ("plain", "hardswish", "affine_fold", "clamp", "mse", "glue", "float_stem", "float_front", "convt_pair",
+         "float_encoder")
 LABELS = {
     "plain": "none of the CNN defaults (= the old defaults)",
     "hardswish": "+ hard-swish fused (opset 14)",
@@ -37,7 +38,8 @@ LABELS = {
     "glue": "+ QDQ glue (QLinearAdd/Mul/Concat, uint8 Resize)",
     "float_stem": "+ float stem conv",
     "float_front": "+ float high-resolution front (stride <= 8)",
-    "convt_pair": "+ ConvTranspose pair fused = defaults",
+    "convt_pair": "+ ConvTranspose pair fused",
+    "float_encoder": "+ float encoder = defaults",
     "cle": "defaults + cross-layer equalization (equalize=True)",
 }
 
@@ -61,8 +63,10 @@ def build(step: str, calib):
 
     on = set(STEPS[: STEPS.index(step) + 1]) if step in STEPS else set(STEPS)
     saved = (cnn.prepare_opset, cnn.clamp_to_consumers, cnn.tailed_activation_tensors, glue.find_glue,
-             cnn.float_front_layers, cnn.fuse_convtranspose_pair, qdq.FOLD_SCALAR_AFFINE)
+             cnn.float_front_layers, cnn.fuse_convtranspose_pair, qdq.FOLD_SCALAR_AFFINE, cnn.ENCODER_MAX_MAC_SHARE)
     try:
+        if "float_encoder" not in on:
+            cnn.ENCODER_MAX_MAC_SHARE = 0.0  # rule 1 off: the stride <= 8 front rule decides
         if "hardswish" not in on:
             cnn.prepare_opset = lambda model, feed, report: model
         qdq.FOLD_SCALAR_AFFINE = "affine_fold" in on
@@ -87,7 +91,7 @@ def build(step: str, calib):
         return res.model, time.perf_counter() - t, res.report["ort_fused_kernels"]
     finally:
         (cnn.prepare_opset, cnn.clamp_to_consumers, cnn.tailed_activation_tensors, glue.find_glue,
-         cnn.float_front_layers, cnn.fuse_convtranspose_pair, qdq.FOLD_SCALAR_AFFINE) = saved
+         cnn.float_front_layers, cnn.fuse_convtranspose_pair, qdq.FOLD_SCALAR_AFFINE, cnn.ENCODER_MAX_MAC_SHARE) = saved
 
 
 def noise_floor(sets, refs, fp32_path) -> list[dict]:
