@@ -289,6 +289,15 @@ def test_a_network_that_stays_at_high_resolution_keeps_only_its_stem_float():
     layers = res.report["layers"]
     assert not layers["c1"]["quantized"] and "front" in layers["c1"]["reason"]
     assert layers["c2"]["quantized"] and layers["c3"]["quantized"]
+    # Every conv is encoder here (no decoder), so the encoder rule never applies, whatever its budget.
+    from onnxopt.quantization import cnn
+
+    saved, cnn.ENCODER_MAX_MAC_SHARE = cnn.ENCODER_MAX_MAC_SHARE, 1.0
+    try:
+        again = quantize(ir.from_proto(proto), feeds, progress=False, sensitivity=False).report["layers"]
+    finally:
+        cnn.ENCODER_MAX_MAC_SHARE = saved
+    assert {k: v["quantized"] for k, v in again.items()} == {"c1": False, "c2": True, "c3": True}
     # The user can switch the rule off: then the stem is int8 too.
     res = quantize(ir.from_proto(proto), feeds, progress=False, sensitivity=False, float_front=False)
     assert all(v["quantized"] for v in res.report["layers"].values())
