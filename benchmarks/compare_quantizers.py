@@ -18,7 +18,8 @@ Candidates (same calibration and held-out data for all, from onnxopt.testing.rea
   eval photos with real sentences rendered on them + page.png: what a text detector is for;
   the fp32 model's own noise floor there is ~0.998) and "eval" (the plain photos, mostly
   without text: masks there are texture false positives, the fp32 model under fp16 weights
-  already gives min IoU 0.89, so its min IoU is reported but cannot judge a quantizer).
+  already gives min IoU 0.89, a harsh test for a quantizer; the defaults' float encoder
+  holds 0.945 there).
 - Latency: ``onnxopt.bench.benchmark``, all candidates of a model interleaved in rounds,
   2 intra-op threads, speedup over fp32 = median of paired per-round ratios with a
   bootstrap 95% interval. Each model is timed twice: alternating one run per model (each run
