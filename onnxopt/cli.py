@@ -432,7 +432,10 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
     out.print(f"ONNX Runtime kernels: {kernels}")
     why_float = _float_reasons_summary(rep["layers"])
     if why_float:
-        out.print(f"kept float: {why_float}" + ("" if report_path else " (each layer's reason: --report FILE)"))
+        hints = [] if report_path else ["each layer's reason: --report FILE"]
+        if any("front conv" in v.get("reason", "") or "encoder conv" in v.get("reason", "") for v in rep["layers"].values()):
+            hints.append("--no-float-front quantizes the front too")
+        out.print(f"kept float: {why_float}" + (f" ({'; '.join(hints)})" if hints else ""))
     if rep["calibration"]["is_random"]:
         console.print("onnxopt: warning: calibrated on random data (a smoke test): ranges do not reflect real inputs")
     if "fallback" in rep:

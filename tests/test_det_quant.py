@@ -317,6 +317,7 @@ def test_cli_no_float_front(tmp_path, capsys):
         assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib), flag, "--quiet"]) == 0
         out = capsys.readouterr().out
         assert (kept in out) if kept else ("kept float" not in out and "3 layers int8, 0 float" in out), out
+        assert ("--no-float-front quantizes the front too" in out) == bool(kept)  # the way out, said where it applies
 
 
 def _lab_model():
