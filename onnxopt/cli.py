@@ -406,8 +406,8 @@ def bench(models, eps, threads, spin, block, warmup, runs, duration, shapes, inp
               help="SmoothQuant migration strength (0..1; higher moves more of the activation range into the weights). Default: chosen per MatMul group by its output error.")
 @click.option("--float-front/--no-float-front", default=True, show_default=True,
               help="Keep the front of a CNN on an image input in float: the whole encoder of a dense-prediction "
-                   "network (everything before its neck's first upsampling) while it holds at most 50% of the conv "
-                   "compute, else the high-resolution convs (stride <= 8) while they hold at most 25%, else the stem. "
+                   "network (everything before its neck's first upsampling) when it is depthwise-separable and holds "
+                   "at most 50% of the conv compute, else the high-resolution convs (stride <= 8) while they hold at most 25%, else the stem. "
                    "More accurate, and on ONNX Runtime's CPU provider about as fast.")
 @click.option("--image-size", metavar="HxW", help="Image calibration: resize to HxW (e.g. 640x640), [-1,1] normalised RGB NCHW; see --image-spec.")
 @click.option("--image-spec", metavar="SPEC", help="Image preprocessing, e.g. '640x640,mean=0.5,std=0.5,bgr,nchw'.")
