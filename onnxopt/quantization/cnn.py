@@ -431,11 +431,12 @@ def float_front_layers(model: ir.Model, layers: Sequence, feed: dict | None = No
        conv is outside it, it holds at most :data:`ENCODER_MAX_MAC_SHARE` of the Convs'
        multiply-adds and it is depthwise-separable (:func:`_depthwise_separable`: MobileNet
        and PP-LCNet style, the known hard case for post-training quantization, Nagel et al.
-       2019). PP-OCRv4 det: 52 of 64 convs, 43%, 95% of it in depthwise and 1x1 convs. Its decoder (the FPN neck and the
-       head at 160x160) stays int8 and is where the int8 time is saved: float encoder, same
-       10 calibration photos, text-set min IoU 0.951 -> 0.980, plain photos pooled / min
-       0.953 / 0.549 -> 0.983 / 0.945 (0.933-0.947 over six calibration subsets), for 1-3% of
-       the speed (1.65x against 1.68x over fp32). The light encoder (depthwise-separable,
+       2019). PP-OCRv4 det: 52 of 64 convs, 43% of the compute, 95% of that in depthwise
+       and 1x1 convs. Its decoder (the FPN neck and the head at 160x160) stays int8 and is
+       where the int8 time is saved: float encoder, same 10 calibration photos, text-set min
+       IoU 0.951 -> 0.980, plain photos pooled / min 0.953 / 0.549 -> 0.983 / 0.945
+       (0.933-0.947 over six calibration subsets), for 1.4-6% of the speed (1.65x against
+       1.68x over fp32 in one run). The light encoder (depthwise-separable,
        hard-swish glue between every pair of convs) gains little from int8 in ORT and its
        noise is what the decoder amplifies. A classifier's convs are all encoder, so this
        never applies to one (a ResNet, the PP-OCR direction classifier). An encoder of
