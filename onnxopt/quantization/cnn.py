@@ -358,7 +358,7 @@ def _depthwise_separable(convs: Sequence[ir.Node], macs: dict[str, float]) -> bo
     total = separable = 0.0
     depthwise = False
     for node in convs:
-        w = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        w = ir.convenience.get_const_tensor(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
         if w is None or len(w.shape) != 4:
             return False
         dw = node.attributes.get_int("group", 1) > 1 and int(w.shape[1]) == 1
