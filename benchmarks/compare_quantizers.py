@@ -69,9 +69,9 @@ def _thread_scaling(path: str, feed: dict, threads: int, rounds: int = 10, block
     from 1 to 2 threads most of the time and ~1.04x at others (as if both vCPUs were on one
     physical core), and in those spells its speedup over fp32 drops from ~2.4x to ~1.95x.
     """
-    from onnxopt.bench import session_options
-
     import onnxruntime as ort
+
+    from onnxopt.bench import session_options
 
     sess = [ort.InferenceSession(path, session_options(n, stop_spinning_after_run=True),
                                  providers=["CPUExecutionProvider"]) for n in (1, threads)]

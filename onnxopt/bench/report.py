@@ -127,9 +127,15 @@ class BenchReport:
                 "?" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.1f}", *(speed if self.comparisons else []),
             )
         th = self.settings["threads"]
+        if not th.get("spinning", True):
+            spin = ", no spinning"
+        elif th.get("spinning_stops_after_run"):
+            spin = ", spinning stopped after each run"
+        else:
+            spin = ""
         t.caption = (
             f"threads: intra-op {th['intra_op']} ({th['source']}), inter-op {th['inter_op']}, {th['execution_mode']}"
-            f"{', no spinning' if not th.get('spinning', True) else ', spinning stopped after each run' if th.get('spinning_stops_after_run') else ''}; "
+            f"{spin}; "
             f"warm-up {self.settings['warmup']} runs; first run and session init not in the statistics"
             + ("; interleaved rounds" + (f" of {self.settings.get('block', 1)} back-to-back runs per model"
                                          if self.settings.get("block", 1) > 1 else "")

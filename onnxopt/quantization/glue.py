@@ -68,14 +68,15 @@ def glue_near_quantized(model: ir.Model, glue: Sequence[GlueNode], layers: Seque
         return []
     selected = {l.name for l in layers}
     nodes = {n.name: n for n in model.graph}
-    island_of: dict[int, bool] = {}  # id(node) -> whether its island touches a selected layer
+    island_of: dict[int, bool] = {}  # id(island member) -> whether the island touches a selected layer
 
     def touches(start: ir.Node) -> bool:
         if id(start) in island_of:
             return island_of[id(start)]
-        seen, stack, found = {id(start)}, [start], False
-        while stack:
-            n = stack.pop()
+        # Walk the island; its bounding layers are seen but not walked through (a layer
+        # bounds two islands, so only the members take the answer).
+        seen, members, found = {id(start)}, [start], False
+        for n in members:  # grows while walking
             near = [v.producer() for v in n.inputs if v is not None and v.dtype in _FLOAT and not is_constant(v)]
             near += [c for v in n.outputs if v.dtype in _FLOAT for c in v.consumers()]
             for m in near:
@@ -85,9 +86,9 @@ def glue_near_quantized(model: ir.Model, glue: Sequence[GlueNode], layers: Seque
                 if m.op_type in _COMPUTE_OPS and m.domain in ("", "ai.onnx"):
                     found = found or m.name in selected
                 else:
-                    stack.append(m)
-        for i in seen:
-            island_of[i] = found
+                    members.append(m)
+        for m in members:
+            island_of[id(m)] = found
         return found
 
     return [g for g in glue if g.name in nodes and touches(nodes[g.name])]
