@@ -7,6 +7,8 @@ A module joins in either way:
   under their class name in kebab-case (``FoldMyOp`` -> ``fold-my-op``).
 Installed packages can also expose passes through the ``onnxopt.passes`` entry-point
 group (each entry point names a module or a pass class).
+Loading a plugin again (or one imported before) registers nothing new and returns the
+names its passes are registered under.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _kebab(name: str) -> str:
 
 
 def load_plugin(spec: str) -> list[str]:
-    """Import a plugin (module name or path to a .py file); return the pass names it added."""
+    """Import a plugin (module name or path to a .py file); return the names of its passes."""
     from onnxopt.passes import registry
 
     registry._ensure_loaded()
@@ -54,7 +56,7 @@ def load_plugin(spec: str) -> list[str]:
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise OnnxoptError(f"plugin {spec!r} failed to import: {type(e).__name__}: {msg}") from None
-    added = [n for n, info in registry.PASSES.items() if before.get(n) is not info]
+    added = {n for n, info in registry.PASSES.items() if before.get(n) is not info}
     for _, obj in inspect.getmembers(module, inspect.isclass):
         if (
             issubclass(obj, ir.passes.PassBase)
@@ -65,10 +67,16 @@ def load_plugin(spec: str) -> list[str]:
             name = _kebab(obj.__name__)
             doc = (obj.__doc__ or "").strip().splitlines()
             registry.register_pass(name, doc[0] if doc else f"plugin pass from {spec}", source=spec)(obj)
-            added.append(name)
-    if not added:
+            added.add(name)
+    # A cached module (imported before) registers nothing new: its passes are those
+    # whose factory it defines.
+    names = [
+        n for n, info in registry.PASSES.items()
+        if n in added or getattr(info.factory, "__module__", None) == module.__name__
+    ]
+    if not names:
         raise OnnxoptError(f"plugin {spec!r} defines no pass (no onnx_ir.passes.PassBase subclass, no register_pass call)")
-    return added
+    return names
 
 
 def load_entry_point_plugins() -> None:

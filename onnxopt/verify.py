@@ -271,6 +271,10 @@ def compare_outputs(
     return diffs
 
 
+# Quantize and prune run the model themselves and have no such option.
+_SKIP_HINT = "only optimize can skip this check: --no-verify, or verify='off' in Python"
+
+
 @dataclasses.dataclass
 class Verifier:
     """Holds the reference outputs of the original model and judges candidates against them."""
@@ -284,12 +288,13 @@ class Verifier:
     def from_model(
         cls, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, rtol: float = 1e-4, atol: float = 1e-5
     ) -> Verifier:
+        # optimize, quantize and prune all come here; only optimize can skip the check.
         try:
             sess = make_session(model)
         except Exception as e:  # custom ops, future opsets, ...: nothing to compare against
             raise VerificationError(
                 f"the original model does not load in ONNX Runtime, so results cannot be verified against it "
-                f"(optimize --no-verify skips this check): {_first_line(e)}"
+                f"({_SKIP_HINT}): {_first_line(e)}"
             ) from None
         try:
             reference = [sess.run(f) for f in feeds]
@@ -301,7 +306,7 @@ class Verifier:
             # Comparing empty outputs proves nothing: a broken pass would pass the check.
             raise VerificationError(
                 "every output is empty on the sample inputs, so results cannot be verified; "
-                "give non-zero sizes with --shape (or --no-verify)"
+                f"give non-zero sizes with --shape ({_SKIP_HINT})"
             )
         return cls([dict(f) for f in feeds], reference, rtol, atol)
 

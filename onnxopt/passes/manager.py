@@ -1,23 +1,32 @@
 """The pass manager: runs a pipeline with statistics and the safety net.
 
-Statistics: for each pass run, wall time, node count before/after and rewrites
-applied (a pass may report ``self.rewrites``; otherwise "modified" counts as one).
+Statistics, per pass: runs, wall time, rewrites (the pass's ``self.rewrites`` where it
+sets one, otherwise the node delta of each run that reports "modified", at least one)
+and node counts: ``nodes_removed`` is what the pass itself removed over all its runs;
+``nodes_before``/``nodes_after`` are the counts around its first round plus every later
+round in which it changed the model, summed, so ``nodes_before - nodes_after ==
+nodes_removed`` (the real counts around it when it did all its work in one round).
+A pass named twice in a pipeline gets a row of its own (``name#2``).
 
 Safety net: the original model's outputs on the sample inputs are the reference.
 - ``verify="final"`` (default): the pipeline runs, then the result is checked
   (ONNX checker, ORT loads it, outputs within tolerance). If it fails, the culprit
   is found by bisection over pipeline prefixes from the pristine original, removed,
   reported by name, and the pipeline runs again without it.
-- ``verify="each"`` (``--verify``): the model is checked after every pass; a pass
-  that breaks it is rolled back to the snapshot taken just before it.
+- ``verify="each"`` (``--verify``): the model is checked after every pass that changed
+  it (reported "modified" or rewrites, or changed the node count); a pass that breaks it
+  is rolled back to the snapshot taken just before it. The result is then checked as in
+  "final", since a pass may change the model without reporting it.
 - ``verify="off"``: no numeric checks (the structural check still runs at save).
-A pass that raises is rolled back and reported in every mode.
+A pass that raises is rolled back and reported in every mode. Without a verifier only
+``verify="off"`` is accepted: :func:`onnxopt.optimize` builds one from sample inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,7 +34,8 @@ import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError, VerificationError
 from onnxopt.graph import count_nodes
-from onnxopt.passes.registry import PassInfo, get_pass
+from onnxopt.model_io import load_model
+from onnxopt.passes.registry import PassInfo, find_registered, get_pass
 from onnxopt.verify import Verifier, release_mappings
 
 logger = logging.getLogger("onnxopt")
@@ -39,10 +49,12 @@ class PassStat:
     name: str
     runs: int = 0
     seconds: float = 0.0
-    nodes_before: int = 0  # before the pass's first run
-    nodes_after: int = 0  # after its last run (later passes ran in between when the pipeline iterates)
+    # Around its first round and every later round that changed the model, summed:
+    # nodes_before - nodes_after == nodes_removed.
+    nodes_before: int = 0
+    nodes_after: int = 0
     rewrites: int = 0
-    status: str = "ok"  # ok | rolled back: <reason> | failed: <reason>
+    status: str = "ok"  # ok | rolled back: <reason> (it broke the model, or raised: "raised ...")
     nodes_removed: int = 0  # by this pass itself, summed over its runs (negative: it added nodes)
 
     def as_dict(self) -> dict:
@@ -84,12 +96,35 @@ def resolve_passes(specs: Sequence[PassSpec]) -> list[PassInfo]:
         elif isinstance(spec, str):
             infos.append(get_pass(spec))
         elif isinstance(spec, ir.passes.PassBase):
-            infos.append(PassInfo(type(spec).__name__, (type(spec).__doc__ or "").strip().split("\n")[0], lambda s=spec: s, source="user"))
+            known = find_registered(type(spec))
+            if known is not None:  # the name the CLI and `onnxopt passes` show for it
+                infos.append(dataclasses.replace(known, factory=lambda s=spec: s))
+            else:
+                infos.append(PassInfo(type(spec).__name__, (type(spec).__doc__ or "").strip().split("\n")[0], lambda s=spec: s, source="user"))
         elif isinstance(spec, type) and issubclass(spec, ir.passes.PassBase):
-            infos.append(PassInfo(spec.__name__, (spec.__doc__ or "").strip().split("\n")[0], spec, source="user"))
+            infos.append(
+                find_registered(spec) or PassInfo(spec.__name__, (spec.__doc__ or "").strip().split("\n")[0], spec, source="user")
+            )
         else:
             raise OnnxoptError(f"not a pass: {spec!r}")
     return infos
+
+
+def _unique_names(infos: list[PassInfo]) -> list[PassInfo]:
+    """Repeats of a name become ``name#2``, ``name#3``: stats and rollbacks are keyed by name."""
+    used = {i.name for i in infos}
+    seen: set[str] = set()
+    out = []
+    for info in infos:
+        if info.name in seen:
+            n = 2
+            while f"{info.name}#{n}" in used:
+                n += 1
+            used.add(f"{info.name}#{n}")
+            info = dataclasses.replace(info, name=f"{info.name}#{n}")
+        seen.add(info.name)
+        out.append(info)
+    return out
 
 
 def _clone(model: ir.Model) -> ir.Model:
@@ -105,31 +140,46 @@ def _clone(model: ir.Model) -> ir.Model:
     return clone
 
 
-def _run_one(info: PassInfo, model: ir.Model, stat: PassStat) -> ir.Model:
-    """Run one pass (to its fixed point if it asks), updating its statistics."""
+def _run_one(info: PassInfo, model: ir.Model, stat: PassStat) -> tuple[ir.Model, bool]:
+    """Run one pass (to its fixed point if it asks), updating its statistics.
+
+    Returns the model and whether the pass changed it: it reported "modified" or
+    rewrites, or the node count moved (any of them, since passes under-report).
+    """
     cap = FIXED_POINT_CAP if info.fixed_point else 1
+    first = stat.runs == 0
+    start_nodes = nodes = count_nodes(model)
+    changed = False
     for i in range(cap):
         pass_ = info.factory()
-        before = count_nodes(model)
         start = time.perf_counter()
         result = pass_(model)
         stat.seconds += time.perf_counter() - start
         stat.runs += 1
         model = result.model
         after = count_nodes(model)
-        if stat.runs == 1:
-            stat.nodes_before = before
-        stat.nodes_after = after
-        stat.nodes_removed += before - after
         rewrites = getattr(pass_, "rewrites", None)
         if rewrites is None:
-            rewrites = max(abs(before - after), 1) if result.modified else 0
+            rewrites = max(abs(nodes - after), 1) if result.modified else 0
         stat.rewrites += int(rewrites)
+        changed = changed or result.modified or rewrites > 0 or after != nodes
+        nodes = after
         if not result.modified:
             break
         if info.fixed_point and i == cap - 1:
             logger.warning("pass %s did not reach a fixed point in %d iterations", info.name, cap)
-    return model
+    if first or changed:
+        # A round that changed nothing moved no node, so the sums still reconcile.
+        stat.nodes_before += start_nodes
+        stat.nodes_after += nodes
+    stat.nodes_removed += start_nodes - nodes
+    return model, changed
+
+
+def _restore_counts(stat: PassStat, saved: PassStat) -> None:
+    """Undo a rolled-back round's counts (its runs and time stay: they were spent)."""
+    stat.nodes_before, stat.nodes_after = saved.nodes_before, saved.nodes_after
+    stat.nodes_removed, stat.rewrites = saved.nodes_removed, saved.rewrites
 
 
 class PassManager:
@@ -145,30 +195,45 @@ class PassManager:
         progress: Callable[[str], None] | None = None,
     ):
         if verify not in ("final", "each", "off"):
-            raise ValueError(f"verify must be final, each or off, not {verify!r}")
-        self.infos = resolve_passes(passes)
+            raise OnnxoptError(f"verify must be 'final', 'each' or 'off', not {verify!r}")
+        if verify != "off" and verifier is None:
+            # Silently skipping the check would label an unchecked model verified.
+            raise OnnxoptError(
+                f"verify={verify!r} needs a verifier: pass verifier=Verifier.from_model(model, feeds) or "
+                "verify='off', or use onnxopt.optimize(model, passes=[...]), which builds the verifier"
+            )
+        self.infos = _unique_names(resolve_passes(passes))
         self.verifier = verifier
-        self.verify = verify if verifier is not None else "off"
+        self.verify = verify
         self.iterate = iterate
         self.progress = progress or (lambda _msg: None)
 
-    def run(self, model: ir.Model) -> PipelineResult:
+    def run(self, model: ir.Model | str | os.PathLike) -> PipelineResult:
+        """Run the pipeline on a model (or the path of one); the caller's model is never modified."""
+        if isinstance(model, (str, os.PathLike)):
+            model = load_model(model)
+        elif not isinstance(model, ir.Model):
+            raise OnnxoptError(f"PassManager.run takes an onnx_ir.Model or a path, not {type(model).__name__}")
         start = time.perf_counter()
         nodes_before = count_nodes(model)
-        # The caller's model is never modified; the pristine copy also serves rollbacks.
+        # The pristine copy also serves rollbacks.
         pristine = _clone(model)
-        excluded: dict[str, str] = {}
+        # Left out of every re-run: passes that raised without a snapshot or that bisection
+        # blamed. Rollbacks by "each" hold for one run only: they may have been blamed for a
+        # change an earlier, unreported pass made, so a re-run without the culprit retries them.
+        blamed: dict[str, str] = {}
         warnings: list[str] = []
         while True:
             work = _clone(pristine)
             try:
-                work, stats, failures = self._run_pipeline(work, excluded, warnings)
+                work, stats, failures = self._run_pipeline(work, blamed, warnings)
             except _Restart as restart:
-                excluded.update(restart.failures)
+                blamed.update(restart.failures)
                 continue
-            excluded.update(failures)
-            if self.verify != "final":
+            excluded = {**blamed, **failures}
+            if self.verify == "off":
                 break
+            # In "each" mode too: a pass may change the model without reporting it.
             try:
                 # The pristine copy shares its tensors with the caller's model; weights a
                 # pass replaced stay mapped through it unless released before ORT maps them.
@@ -176,14 +241,14 @@ class PassManager:
                 self.verifier.verify(work)
                 break
             except VerificationError as e:
-                culprit = self._bisect(pristine, excluded)
+                culprit = self._bisect(pristine, blamed)
                 if culprit is None:
                     # The combination broke it but no prefix alone: give up on all passes.
-                    excluded.update({i.name: f"pipeline result failed verification: {e}" for i in self.infos})
+                    excluded = {i.name: f"pipeline result failed verification: {e}" for i in self.infos}
                     work = _clone(pristine)
-                    stats = [PassStat(i.name, status="rolled back") for i in self.infos]
+                    stats = [PassStat(i.name) for i in self.infos]
                     break
-                excluded[culprit[0]] = culprit[1]
+                blamed[culprit[0]] = culprit[1]
                 logger.warning("pass %s broke the model (%s); rolled back", culprit[0], culprit[1])
         for stat in stats:
             if stat.name in excluded and stat.status == "ok":
@@ -214,30 +279,30 @@ class PassManager:
                     continue
                 self.progress(info.name)
                 stat = stats[info.name]
-                snapshot = _clone(model) if self.verify == "each" else None
-                rewrites_before = stat.rewrites
+                # (run() sets the status of a failed pass, the same text in every mode)
+                snapshot = (_clone(model), dataclasses.replace(stat)) if self.verify == "each" else None
                 try:
-                    model = _run_one(info, model, stat)
+                    model, pass_changed = _run_one(info, model, stat)
                 except Exception as e:  # a crashing pass must not take the run down
                     reason = f"raised {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
                     failures[info.name] = reason
-                    stat.status = f"failed: {reason}"
                     logger.warning("pass %s %s; rolled back", info.name, reason)
                     if snapshot is None:
                         # Without a snapshot the model may be half-rewritten: start over without it.
                         raise _Restart(failures) from None
-                    model = snapshot
+                    model = snapshot[0]
+                    _restore_counts(stat, snapshot[1])
                     continue
-                if snapshot is not None and stat.rewrites > rewrites_before:
+                if snapshot is not None and pass_changed:
                     try:
                         self.verifier.verify(model)
                     except VerificationError as e:
                         failures[info.name] = str(e)
-                        stat.status = f"rolled back: {e}"
                         logger.warning("pass %s broke the model (%s); rolled back", info.name, e)
-                        model = snapshot
+                        model = snapshot[0]
+                        _restore_counts(stat, snapshot[1])
                         continue
-                changed = changed or stat.rewrites > rewrites_before
+                changed = changed or pass_changed
             if not changed:
                 break
             if round_ == rounds - 1 and rounds > 1:

@@ -99,6 +99,11 @@ def get_pass(name: str) -> PassInfo:
     return PASSES[name]
 
 
+def find_registered(cls: type) -> PassInfo | None:
+    """The registry entry whose factory is the class ``cls`` itself, if any."""
+    return next((p for p in PASSES.values() if p.factory is cls), None)
+
+
 def all_passes() -> list[PassInfo]:
     _ensure_loaded()
     return sorted(PASSES.values(), key=lambda p: (p.preset_order is None, p.preset_order or 0, p.name))
