@@ -13,6 +13,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxopt.errors import OnnxoptError
@@ -101,13 +102,13 @@ def _stats_table(result, title: str) -> Table:
     table.add_column("pass", no_wrap=True)
     table.add_column("runs", justify="right")
     table.add_column("time (ms)", justify="right")
-    table.add_column("nodes in", justify="right")  # at the pass's first run
+    table.add_column("nodes in", justify="right")  # around its first round plus later rounds that changed it (in - out == removed)
     table.add_column("removed", justify="right")  # by the pass itself, over all its runs
     table.add_column("rewrites", justify="right")
     table.add_column("status")
     for s in result.stats:
         table.add_row(
-            s.name, str(s.runs), f"{s.seconds * 1000:.1f}", str(s.nodes_before), str(s.nodes_removed), str(s.rewrites),
+            escape(s.name), str(s.runs), f"{s.seconds * 1000:.1f}", str(s.nodes_before), str(s.nodes_removed), str(s.rewrites),
             s.status
         )
     table.caption = (
@@ -150,9 +151,9 @@ def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, i
     from onnxopt.plugins import load_plugin
 
     if json_path:  # a bad --json path must fail before the model is written, not after
-        from onnxopt.model_io import check_output_path
+        from onnxopt.model_io import check_side_output
 
-        check_output_path(json_path, model, output)
+        check_side_output(json_path, "--json", inputs=[model], outputs=[output])
     for plugin in plugins:
         load_plugin(plugin)
     passes_ = [p.strip() for p in pass_list.split(",") if p.strip()] if pass_list else None
@@ -182,12 +183,12 @@ def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, i
         )
     out.print(_stats_table(result, f"onnxopt optimize {os.path.basename(model)}"))
     for name, reason in result.rolled_back.items():
-        console.print(f"[yellow]rolled back[/yellow] {name}: {reason}")
+        console.print(f"[yellow]rolled back[/yellow] {escape(name)}: {escape(reason)}")
     for w in result.warnings:
-        console.print(f"[yellow]warning[/yellow] {w}")
+        console.print(f"[yellow]warning[/yellow] {escape(w)}")
     if json_path:
         _write_json(json_path, result.as_dict())
-    console.print(f"wrote {output}")
+    console.print(f"wrote {escape(output)}")
 
 
 @cli.command(name="inspect")
@@ -195,32 +196,13 @@ def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, i
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def inspect_cmd(model, as_json) -> None:
     """Show MODEL's opsets, inputs/outputs, op histogram, parameters and external data."""
-    from onnxopt.inspection import inspect_model
+    from onnxopt.inspection import inspect_model, print_inspect
 
     info = inspect_model(model)
     if as_json:
         out.print_json(json.dumps(info))
         return
-    out.print(f"[bold]{info['path']}[/bold]  ({info['file_bytes']:,} bytes, IR v{info['ir_version']}, {info['producer']})")
-    out.print("opsets: " + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in info["opset_imports"].items()))
-    io = Table(title="inputs and outputs")
-    io.add_column("kind")
-    io.add_column("name")
-    io.add_column("type")
-    for v in info["inputs"]:
-        io.add_row("input", v["name"], v["type"])
-    for v in info["outputs"]:
-        io.add_row("output", v["name"], v["type"])
-    out.print(io)
-    ops = Table(title=f"{info['nodes']} nodes ({info['subgraphs']} subgraphs, {info['functions']} functions)")
-    ops.add_column("op")
-    ops.add_column("count", justify="right")
-    for op, n in info["op_histogram"].items():
-        ops.add_row(op, str(n))
-    out.print(ops)
-    out.print(f"parameters: {info['parameters']:,} ({info['parameter_bytes'] / 1e6:.2f} MB)")
-    for loc, nbytes in info["external_data"].items():
-        out.print(f"external data: {loc} ({nbytes / 1e6:.2f} MB)")
+    print_inspect(out, info)
 
 
 @cli.command()
@@ -236,18 +218,11 @@ def compare(model_a, model_b, shapes, inputs, rtol, atol) -> None:
     Prints max absolute/relative error and cosine similarity per output; exits with
     status 1 if any output is outside the tolerance (|b - a| <= atol + rtol * |a|).
     """
-    from onnxopt.compare import compare_models
+    from onnxopt.compare import compare_models, compare_table
     from onnxopt.inputs import parse_shape_specs
 
     diffs = compare_models(model_a, model_b, shapes=parse_shape_specs(shapes), inputs=inputs, rtol=rtol, atol=atol)
-    table = Table(title=f"{os.path.basename(model_b)} vs {os.path.basename(model_a)}")
-    for col in ("output", "shape", "max abs err", "max rel err", "cosine", "within tolerance"):
-        table.add_column(col)
-    for d in diffs:
-        table.add_row(
-            d.name, str(d.shape_new), f"{d.max_abs:.3g}", f"{d.max_rel:.3g}", f"{d.cosine:.6f}", "yes" if d.within else "[red]NO[/red]"
-        )
-    out.print(table)
+    out.print(compare_table(diffs, os.path.basename(model_a), os.path.basename(model_b)))
     if not all(d.within for d in diffs):
         console.print(f"outputs differ beyond rtol {rtol:g}, atol {atol:g}")
         sys.exit(1)
@@ -301,7 +276,7 @@ def demo(output_dir, synthetic, runs, threads) -> None:
         return
     out.print(_stats_table(result, f"onnxopt demo: {REAL_DESCRIPTION}"))
     for name, reason in result.rolled_back.items():
-        console.print(f"[yellow]rolled back[/yellow] {name}: {reason}")
+        console.print(f"[yellow]rolled back[/yellow] {escape(name)}: {escape(reason)}")
     base, opt = report.results[0], report.results[1]
     comp = report.comparisons[0]
     speedup, (lo, hi) = comp["speedup"], comp["speedup_interval"]
@@ -358,12 +333,12 @@ def bench(models, eps, threads, spin, block, warmup, runs, duration, shapes, inp
     from onnxopt.bench.plot import require_matplotlib
     from onnxopt.bench.progress import rich_progress
     from onnxopt.bench.providers import parse_ep_options
-    from onnxopt.bench.report import check_report_path
     from onnxopt.inputs import parse_shape_specs
+    from onnxopt.model_io import check_side_output
 
-    for option, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)):
-        if path:
-            check_report_path(path, option)
+    sides = [(o, p) for o, p in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)) if p]
+    for i, (option, path) in enumerate(sides):
+        check_side_output(path, option, inputs=models, outputs=[p for _, p in sides[:i]])
     if plot_path:
         require_matplotlib()
     kwargs = dict(
@@ -393,7 +368,7 @@ def bench(models, eps, threads, spin, block, warmup, runs, duration, shapes, inp
 @click.option("--method", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
               help="How activation ranges are chosen.")
 @click.option("--target", default="cpu", show_default=True, type=click.Choice(["cpu", "tensorrt", "generic"]),
-              help="cpu: uint8 asymmetric activations + int8 per-channel weights; tensorrt: int8 symmetric both.")
+              help="cpu: uint8 asymmetric activations + int8 per-channel weights; tensorrt: int8 symmetric both; generic: as cpu (the scheme every QDQ runtime accepts).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel (needs opset 13: upgraded if older).")
 @click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep this node (name) or op type in float (repeatable).")
 @click.option("--samples", type=int, help="Use only the first N calibration samples.")
@@ -428,19 +403,20 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
     )
     rep = result.report
     kernels = ", ".join(f"{k} x{v}" for k, v in rep["ort_fused_kernels"].items()) or "none"
-    out.print(f"{output}: {rep['quantized_layers']} layers int8, {rep['float_layers']} float ({rep['scheme']})")
+    out.print(f"{escape(output)}: {rep['quantized_layers']} layers int8, {rep['float_layers']} float ({rep['scheme']})")
     out.print(f"ONNX Runtime kernels: {kernels}")
     why_float = _float_reasons_summary(rep["layers"])
     if why_float:
         hints = [] if report_path else ["each layer's reason: --report FILE"]
         if any("front conv" in v.get("reason", "") or "encoder conv" in v.get("reason", "") for v in rep["layers"].values()):
             hints.append("--no-float-front quantizes the front too")
-        out.print(f"kept float: {why_float}" + (f" ({'; '.join(hints)})" if hints else ""))
+        out.print(f"kept float: {escape(why_float)}" + (f" ({'; '.join(hints)})" if hints else ""))
     if rep["calibration"]["is_random"]:
         console.print("onnxopt: warning: calibrated on random data (a smoke test): ranges do not reflect real inputs")
     if "fallback" in rep:
         fb = rep["fallback"]
-        out.print(f"output drop (1 - cosine, held-out calibration samples): {fb['before']:.4f} -> {fb['after']:.4f}"
+        seen = "held-out calibration samples" if fb.get("held_out") else "calibration samples, none held out"
+        out.print(f"output drop (1 - cosine, {seen}): {fb['before']:.4f} -> {fb['after']:.4f}"
                   + (f", {len(fb['to_float'])} layer(s) back to float" if fb["to_float"] else ""))
 
 
@@ -476,6 +452,7 @@ def prune(model, output, ratio, calib, samples, image_size, image_spec, exclude,
     """
     from onnxopt.inputs import parse_shape_specs
     from onnxopt.pruning import prune_file
+    from onnxopt.pruning.summary import print_summary
 
     spec = _image_spec(image_size, image_spec)
     if (samples or spec or no_refit or max_drop is not None) and not calib:
@@ -483,19 +460,7 @@ def prune(model, output, ratio, calib, samples, image_size, image_spec, exclude,
     result = prune_file(model, output, ratio=ratio, calib=calib, samples=samples, image_spec=spec, exclude=exclude,
                         multiple=multiple, reconstruct=not no_refit, max_drop=max_drop, report=report_path,
                         shapes=parse_shape_specs(shapes) or None, progress=not quiet)
-    rep = result.report
-    pb, pa = rep["params_before"], rep["params_after"]
-    if rep["max_drop_search"]:
-        tried = ", ".join(f"{t['ratio']:.4g}: {t['drop']:.4g}" for t in rep["max_drop_search"])
-        out.print(f"--max-drop {max_drop}: ratio {rep['ratio']:.4g} (tried ratio: drop {tried})")
-    out.print(f"{output}: {rep['spaces_pruned']} channel groups pruned ({rep['channels_before']} -> {rep['channels_after']} "
-              f"channels), parameters {pb:,} -> {pa:,} ({pa / max(pb, 1):.0%}); ranking: {rep['ranking']}"
-              + (f"; {len(rep['refit_layers'])} layers refit" if rep["refit_layers"] else ""))
-    if rep["calibration_is_random"]:
-        console.print("onnxopt: warning: calibrated on random data (a smoke test): the ranking and refit "
-                      "do not reflect real inputs")
-    for name, d in rep["outputs_vs_original"].items():
-        out.print(f"output {name} vs the original ({rep['evaluated_on']}): cosine min {d['cosine_min']:.4f}, max abs error {d['max_abs']:.4g}")
+    print_summary(result.report, output, max_drop, out, console)
 
 
 def _image_spec(image_size: str | None, image_spec: str | None) -> str | None:
@@ -518,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as e:  # plain `onnxopt`: the help, not an error
+        click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+        return 0
     except click.UsageError as e:
         hint = f" (see 'onnxopt {e.ctx.command.name} --help')" if e.ctx is not None and e.ctx.command is not None and e.ctx.command.name != "cli" else " (see 'onnxopt --help')"
         click.echo(f"onnxopt: error: {e.format_message()}{hint}", err=True)

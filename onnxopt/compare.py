@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import onnx_ir as ir
+from rich.markup import escape
+from rich.table import Table
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.inputs import model_inputs
@@ -61,3 +63,24 @@ def compare_models(
             if prev is None or d.max_abs > prev.max_abs or not d.within:
                 results[name] = d
     return list(results.values())
+
+
+def compare_title(name_a: str, name_b: str) -> str:
+    """The table title, in argument order, naming A as the reference the errors are measured against."""
+    return f"{escape(name_a)} (reference) vs {escape(name_b)}"
+
+
+def compare_table(diffs: list[OutputDiff], name_a: str, name_b: str) -> Table:
+    """The table ``onnxopt compare`` prints: one row per output (errors of B against A).
+
+    Output names are escaped: rich reads ``[...]`` as markup and would drop bracketed text.
+    """
+    table = Table(title=compare_title(name_a, name_b))
+    for col in ("output", "shape", "max abs err", "max rel err", "cosine", "within tolerance"):
+        table.add_column(col)
+    for d in diffs:
+        table.add_row(
+            escape(d.name), escape(str(d.shape_new)), f"{d.max_abs:.3g}", f"{d.max_rel:.3g}", f"{d.cosine:.6f}",
+            "yes" if d.within else "[red]NO[/red]",
+        )
+    return table

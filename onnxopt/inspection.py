@@ -6,8 +6,10 @@ import os
 import pathlib
 
 import onnx_ir as ir
+from rich.markup import escape
+from rich.table import Table
 
-from onnxopt.graph import count_nodes, op_histogram, parameter_stats
+from onnxopt.graph import all_nodes, count_nodes, op_histogram, parameter_stats
 from onnxopt.inputs import model_inputs
 from onnxopt.model_io import load_model
 
@@ -20,13 +22,44 @@ def _type_str(value: ir.Value) -> str:
     return f"{dtype}[{','.join(dims)}]"
 
 
+# Constant attributes that hold one scalar or a list (value_float, value_ints, ...): bytes per element.
+_LIST_ATTR_BYTES = {"value_float": 4, "value_floats": 4, "value_int": 8, "value_ints": 8}
+
+
+def constant_node_stats(model: ir.Model) -> tuple[int, int]:
+    """(number of parameters, bytes) held by Constant nodes in every graph.
+
+    Exporters such as paddle2onnx put all the weights in Constant nodes instead of
+    initializers: counting initializers alone says 0 for a model full of weights.
+    (``sparse_value`` is not counted: onnx-ir cannot load such a model at all.)
+    """
+    count = nbytes = 0
+    for node in all_nodes(model):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for name, attr in node.attributes.items():
+            if name == "value" and attr.type == ir.AttributeType.TENSOR:
+                count += attr.value.size
+                nbytes += attr.value.nbytes
+            elif name in _LIST_ATTR_BYTES:
+                n = len(attr.value) if isinstance(attr.value, (list, tuple)) else 1
+                count += n
+                nbytes += n * _LIST_ATTR_BYTES[name]
+    return count, nbytes
+
+
 def inspect_model(model: ir.Model | str | os.PathLike) -> dict:
-    """Opsets, inputs/outputs, op histogram, parameters and external data of a model."""
+    """Opsets, inputs/outputs, op histogram, parameters and external data of a model.
+
+    ``parameters``/``parameter_bytes`` count initializers and Constant-node tensors;
+    ``constant_parameters``/``constant_parameter_bytes`` are the Constant-node part.
+    """
     path = None
     if not isinstance(model, ir.Model):
         path = pathlib.Path(model)
         model = load_model(path)
     params, nbytes = parameter_stats(model)
+    const_params, const_bytes = constant_node_stats(model)
     external: dict[str, int] = {}
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
@@ -45,7 +78,54 @@ def inspect_model(model: ir.Model | str | os.PathLike) -> dict:
         "subgraphs": sum(1 for _ in model.graph.subgraphs()),
         "functions": len(model.functions),
         "op_histogram": op_histogram(model),
-        "parameters": params,
-        "parameter_bytes": nbytes,
+        "parameters": params + const_params,
+        "parameter_bytes": nbytes + const_bytes,
+        "constant_parameters": const_params,
+        "constant_parameter_bytes": const_bytes,
         "external_data": external,
     }
+
+
+def header_line(info: dict) -> str:
+    """'model.onnx  (4,745,517 bytes, IR v8, producer)' as rich markup; empty parts left out."""
+    parts = [f"{info['file_bytes']:,} bytes" if info.get("file_bytes") is not None else "",
+             f"IR v{info['ir_version']}" if info.get("ir_version") is not None else "",
+             info.get("producer") or ""]
+    details = ", ".join(escape(p) for p in parts if p)
+    name = escape(info["path"] or "(in-memory model)")
+    return f"[bold]{name}[/bold]" + (f"  ({details})" if details else "")
+
+
+def parameters_line(info: dict) -> str:
+    """'parameters: N (X MB)', saying how many live in Constant nodes when some do."""
+    line = f"parameters: {info['parameters']:,} ({info['parameter_bytes'] / 1e6:.2f} MB"
+    if info.get("constant_parameters"):
+        line += f"; {info['constant_parameters']:,} in Constant nodes"
+    return line + ")"
+
+
+def print_inspect(console, info: dict) -> None:
+    """The tables of ``onnxopt inspect`` on a rich console.
+
+    Every model-derived string is escaped: rich reads ``[...]`` as markup, and shapes
+    (``float[batch,3]``) and names would otherwise lose their brackets.
+    """
+    console.print(header_line(info))
+    console.print("opsets: " + ", ".join(f"{escape(d or 'ai.onnx')} {v}" for d, v in info["opset_imports"].items()))
+    io = Table(title="inputs and outputs")
+    io.add_column("kind")
+    io.add_column("name")
+    io.add_column("type")
+    for kind in ("input", "output"):
+        for v in info[kind + "s"]:
+            io.add_row(kind, escape(v["name"]), escape(v["type"]))
+    console.print(io)
+    ops = Table(title=f"{info['nodes']} nodes ({info['subgraphs']} subgraphs, {info['functions']} functions)")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["op_histogram"].items():
+        ops.add_row(escape(op), str(n))
+    console.print(ops)
+    console.print(parameters_line(info))
+    for loc, nbytes in info["external_data"].items():
+        console.print(f"external data: {escape(loc)} ({nbytes / 1e6:.2f} MB)")

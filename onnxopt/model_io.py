@@ -201,23 +201,99 @@ def _external_bytes(model: ir.Model) -> int:
     return total
 
 
+def model_files(path: str | os.PathLike) -> set[pathlib.Path]:
+    """The model file and every external data file it references, resolved.
+
+    Reads the graph only (no tensor data); an unreadable file is just itself.
+    """
+    p = pathlib.Path(path)
+    files = {p.resolve()}
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model (yet): nothing else to protect
+        return files
+    for tensor in _iter_tensor_protos(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location")
+            if location:
+                files.add((p.parent / location).resolve())
+    return files
+
+
+def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b) or (a.exists() and b.exists() and a.resolve() == b.resolve())
+
+
+def _collision(path: pathlib.Path, models: tuple) -> tuple[str, str] | None:
+    """(model, what) when writing ``path`` would overwrite a model file or its external data."""
+    for model in models:
+        if model is None:
+            continue
+        mp = pathlib.Path(model)
+        if _same_file(path, mp):
+            return os.fspath(model), "model"
+        # Only an existing file can be someone's external data: read the graph only then.
+        if path.exists() and mp.exists() and path.resolve() in model_files(mp):
+            return os.fspath(model), "external data"
+    return None
+
+
 def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> pathlib.Path:
-    """Validate an output path before any work is done."""
+    """Validate an output model path before any work is done.
+
+    Refuses a folder, a missing folder, and any path whose writing (the model, or the
+    ``OUT.data`` that large models get) would overwrite an input model or its external data.
+    """
     out = pathlib.Path(output)
     if out.is_dir():
         raise OnnxoptError(f"{out}: is a folder; give a file name for the output model")
     if not out.parent.exists():
         raise OnnxoptError(f"{out.parent}: output folder does not exist")
-    for inp in inputs:
-        if inp is None:
-            continue
-        ip = pathlib.Path(inp)
-        same = os.path.abspath(out) == os.path.abspath(ip) or (
-            ip.exists() and out.exists() and out.resolve() == ip.resolve()
+    hit = _collision(out, inputs)
+    if hit and hit[1] == "model":
+        raise OnnxoptError(f"{out}: output path is the input model; write the result to a new file")
+    if hit:
+        raise OnnxoptError(f"{out}: is the external data file of the input model {hit[0]}; write the result to a new file")
+    data = out.with_name(out.name + ".data")
+    hit = _collision(data, inputs)
+    if hit:
+        raise OnnxoptError(
+            f"{out}: its external data file {data.name} would overwrite the input model {hit[0]}"
+            + ("" if hit[1] == "model" else "'s weights") + "; choose another output name"
         )
-        if same:
-            raise OnnxoptError(f"{out}: output path is the input model; write the result to a new file")
     return out
+
+
+def check_side_output(
+    path: str | os.PathLike,
+    option: str,
+    *,
+    inputs: tuple | list = (),
+    outputs: tuple | list = (),
+) -> pathlib.Path:
+    """Validate a report/JSON/CSV/plot path before any work: writable, and not a model.
+
+    ``inputs``: model files read (the path must not be one, nor their external data);
+    ``outputs``: model files (or other reports) this run writes.
+    """
+    p = pathlib.Path(path)
+    if p.is_dir():
+        raise OnnxoptError(f"{option} {p}: is a folder; give a file name")
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise OnnxoptError(f"{option} {p}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OnnxoptError(f"{option} {p}: folder {parent} is not writable")
+    hit = _collision(p, tuple(inputs))
+    if hit:
+        what = "the input model" if hit[1] == "model" else f"the external data of the input model {hit[0]}"
+        raise OnnxoptError(f"{option} {p}: is {what}; write it to a new file")
+    for other in outputs:
+        if other is not None:
+            o = pathlib.Path(other)
+            if _same_file(p, o) or _same_file(p, o.with_name(o.name + ".data")):
+                raise OnnxoptError(f"{option} {p}: is also the output {other}; give it a file of its own")
+    return p
 
 
 def save_model(
@@ -230,6 +306,10 @@ def save_model(
 
     ``external_data=None`` decides by size (over ~1.8 GB of tensors goes external).
     """
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    elif not isinstance(model, ir.Model):
+        raise OnnxoptError(f"save_model: expected an onnx_ir.Model (or onnx.ModelProto), got {type(model).__name__}")
     out = pathlib.Path(path)
     source = model.meta.get("onnxopt.source_path")
     check_output_path(out, source)

@@ -10,6 +10,7 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
@@ -35,7 +36,13 @@ def sample_feeds(
         return [make_sample_inputs(model, shapes, seed=i) for i in range(count)]
     if isinstance(inputs, (str, os.PathLike)):
         return [load_npz_inputs(inputs, model)]
-    feeds = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
+    if isinstance(inputs, Mapping):
+        feeds = [dict(inputs)]
+    elif isinstance(inputs, Sequence) and all(isinstance(f, Mapping) for f in inputs):
+        feeds = [dict(f) for f in inputs]
+    else:
+        raise OnnxoptError(f"inputs: expected an .npz path, a feed dict {{input name: array}} or a list of them, "
+                           f"got {type(inputs).__name__}")
     for f in feeds:
         validate_feeds(model, f)
     return feeds
@@ -44,6 +51,10 @@ def sample_feeds(
 def _as_model(model: ModelLike) -> ir.Model:
     if isinstance(model, ir.Model):
         return model
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    if not isinstance(model, (str, os.PathLike)):
+        raise OnnxoptError(f"model: expected a path or an onnx_ir.Model, got {type(model).__name__}")
     return load_model(model)
 
 
@@ -61,7 +72,7 @@ def optimize(
     progress: Callable[[str], None] | None = None,
     target_opset: int | None = None,
 ) -> PipelineResult:
-    """Optimize a model (path or ``onnx_ir.Model``); the input is never modified.
+    """Optimize a model (path, ``onnx_ir.Model`` or ``onnx.ModelProto``); the input is never modified.
 
     ``passes`` (names, pass instances or classes) replaces the preset when given.
     ``target_opset``: first convert the default-domain opset up to this version (the
@@ -70,9 +81,16 @@ def optimize(
     "each" (check after every pass), or "off".
     Returns a :class:`PipelineResult` with ``.model`` and per-pass ``.stats``.
     """
-    if not (rtol >= 0 and atol >= 0):  # also rejects NaN
+    from onnxopt import arguments as arg
+
+    arg.choice("verify", verify, ("final", "each", "off"))
+    rtol, atol = arg.number("rtol", rtol), arg.number("atol", atol)
+    if not (rtol >= 0 and atol >= 0):
         raise OnnxoptError(f"tolerances must be >= 0 (got rtol {rtol}, atol {atol})")
-    for plugin in plugins:
+    target_opset = arg.number("target_opset", target_opset, low=1, integer=True, optional=True)
+    shapes = arg.shapes("shapes", shapes)
+    passes = None if passes is None else arg.names("passes", [passes] if isinstance(passes, (ir.passes.PassBase, type)) else passes)
+    for plugin in arg.names("plugins", plugins):
         load_plugin(plugin)
     ir_model = _as_model(model)
     specs = list(passes) if passes is not None else preset_passes(preset)

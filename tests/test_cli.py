@@ -233,3 +233,9 @@ def test_json_report_gets_normal_permissions(capsys, tiny_model_path, tmp_path):
         os.umask(umask)
     assert code == 0, err
     assert stat.S_IMODE((tmp_path / "s.json").stat().st_mode) == 0o644
+
+
+def test_no_arguments_print_the_help_not_an_error(capsys):
+    code, stdout, err = run_cli(capsys)
+    assert code == 0 and err == ""
+    assert stdout.startswith("Usage: onnxopt") and "quantize" in stdout

@@ -689,3 +689,18 @@ def test_static_shape_minilm_still_gets_int8_matmuls(tmp_path):
     for k in ref:
         cos = float(np.dot(ref[k].ravel(), out[k].ravel()) / (np.linalg.norm(ref[k]) * np.linalg.norm(out[k])))
         assert cos > 0.98
+
+
+def test_drop_says_whether_its_samples_were_held_out(small_cnn, tmp_path, capsys):
+    """--report alone (or under 4 samples) holds nothing out: the summary must not claim it did."""
+    path, feeds = small_cnn
+    rep = quantize(path, feeds, report=tmp_path / "r.json", progress=False).report
+    assert rep["calibration"]["held_out"] == 0 and rep["fallback"]["held_out"] is False
+    assert "none held out" in rep["fallback"]["metric"]
+    rep = quantize(path, feeds, max_drop=0.5, progress=False).report
+    assert rep["calibration"]["held_out"] == 1 and rep["fallback"]["held_out"] is True
+    assert "1 held-out samples" in rep["fallback"]["metric"]
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, x=np.concatenate([f["x"] for f in feeds[:3]]))
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(npz), "--max-drop", "0.5", "--quiet"]) == 0
+    assert "output drop (1 - cosine, calibration samples, none held out)" in capsys.readouterr().out

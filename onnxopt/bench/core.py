@@ -398,6 +398,33 @@ def benchmark(
     each model back to back within a round (1: strictly alternating). ``progress`` is
     called as ``progress(description, done, total)`` between runs, never inside one.
     """
+    from onnxopt import arguments as arg
+
+    # Types here; the ranges below, in the CLI's words.
+    runs = arg.number("runs", runs, integer=True, optional=True)
+    warmup = arg.number("warmup", warmup, integer=True)
+    threads = arg.number("threads", threads, integer=True, optional=True)
+    duration = arg.number("duration", duration, optional=True)
+    block = arg.number("block", block, integer=True)
+    seed = arg.number("seed", seed, integer=True)
+    rtol, atol = arg.number("rtol", rtol), arg.number("atol", atol)
+    if not (rtol >= 0 and atol >= 0):
+        raise OnnxoptError(f"tolerances must be >= 0 (got rtol {rtol}, atol {atol})")
+    shapes = arg.shapes("shapes", shapes)
+    for name, value in (("include_copies", include_copies), ("check_outputs", check_outputs), ("trt_fp16", trt_fp16),
+                        ("trt_int8", trt_int8), ("spinning", spinning)):
+        arg.flag(name, value)
+    if io_binding is not None:
+        arg.flag("io_binding", io_binding)
+    if inputs is not None and not isinstance(inputs, (str, os.PathLike, Mapping)):
+        raise OnnxoptError(f"inputs: expected an .npz path or one feed dict {{input name: array}}, "
+                           f"got {type(inputs).__name__}")
+    if ep_options is not None and not isinstance(ep_options, Mapping):
+        from onnxopt.bench.providers import parse_ep_options
+
+        ep_options = parse_ep_options(arg.names("ep_options", ep_options))
+    if isinstance(batch_sizes, str):
+        batch_sizes = parse_batch_sizes(batch_sizes)
     if runs is None and duration is None:
         runs = DEFAULT_RUNS
     batch_sizes = list(batch_sizes) if batch_sizes else None
@@ -519,6 +546,7 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
         results=results,
         comparisons=comparisons,
         samples=samples,
+        model_paths=[m.path for m in loaded if m.path is not None],
     )
 
 

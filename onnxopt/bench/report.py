@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from onnxopt.atomic import write_text_atomic
-from onnxopt.errors import OnnxoptError
+from onnxopt.model_io import check_side_output
 
 SCHEMA_VERSION = "onnxopt.bench/1"
 
@@ -36,18 +36,6 @@ def _clean(obj):
     return obj
 
 
-def check_report_path(path: str | os.PathLike, option: str) -> None:
-    """Refuse an output path that cannot be written, before minutes of benchmarking."""
-    p = os.fspath(path)
-    if os.path.isdir(p):
-        raise OnnxoptError(f"{option} {p}: is a folder; give a file name")
-    parent = os.path.dirname(os.path.abspath(p))
-    if not os.path.isdir(parent):
-        raise OnnxoptError(f"{option} {p}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OnnxoptError(f"{option} {p}: folder {parent} is not writable")
-
-
 @dataclasses.dataclass
 class BenchReport:
     machine: dict
@@ -56,6 +44,8 @@ class BenchReport:
     results: list[dict]
     comparisons: list[dict]
     samples: dict = dataclasses.field(default_factory=dict, repr=False)
+    # The model files timed: a report path that names one of them is refused, not overwritten.
+    model_paths: list = dataclasses.field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         return _clean(
@@ -73,6 +63,7 @@ class BenchReport:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def write_json(self, path: str | os.PathLike) -> None:
+        check_side_output(path, "json", inputs=self.model_paths)
         write_text_atomic(path, self.to_json() + "\n")
 
     def comparison_for(self, result: dict) -> dict | None:
@@ -104,6 +95,7 @@ class BenchReport:
         return buf.getvalue()
 
     def write_csv(self, path: str | os.PathLike) -> None:
+        check_side_output(path, "csv", inputs=self.model_paths)
         write_text_atomic(path, self.to_csv())
 
     def tables(self):
@@ -159,6 +151,7 @@ class BenchReport:
     def plot(self, path: str | os.PathLike) -> None:
         from onnxopt.bench.plot import plot_report
 
+        check_side_output(path, "plot", inputs=self.model_paths)
         plot_report(self, path)
 
 

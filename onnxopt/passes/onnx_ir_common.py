@@ -6,9 +6,30 @@ keep graph outputs intact. Each is measured in the statistics like any other pas
 
 from __future__ import annotations
 
+import onnx
+import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxopt.passes.registry import register_pass
+
+
+def _own_constant_tensors(graph: ir.Graph) -> None:
+    """Give each Constant node's tensor its own object before it becomes an initializer.
+
+    The pass manager's working copy shares tensor objects with the caller's model, and
+    onnx-ir's serializer renames an initializer's tensor after its value: without a copy,
+    saving the result would rename the tensor inside the caller's Constant node too.
+    Only proto-backed tensors (what a loaded Constant holds) are copied, bytes and all.
+    """
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        attr = node.attributes.get("value")
+        if attr is not None and isinstance(attr.value, ir.TensorProtoTensor):
+            proto = onnx.TensorProto()
+            proto.CopyFrom(attr.value.raw)
+            node.attributes["value"] = ir.AttrTensor("value", ir.TensorProtoTensor(proto))
+
 
 class _LiftConstants(common.LiftConstantsToInitializersPass):
     """onnx-ir's pass, plus the IR < 4 rule: every initializer must also be a graph input.
@@ -20,6 +41,7 @@ class _LiftConstants(common.LiftConstantsToInitializersPass):
     """
 
     def call(self, model):
+        _own_constant_tensors(model.graph)
         result = super().call(model)
         if result.modified and model.ir_version is not None and model.ir_version < 4:
             listed = {v.name for v in model.graph.inputs}

@@ -51,6 +51,11 @@ __all__ = ["PruneResult", "prune", "prune_file"]
 _MAX_LS_FEATURES = 4608  # a reader's im2col width (C * kh * kw) above which it is only cut
 _RIDGE = 1e-5
 _MIN_SAMPLES_PER_FEATURE = 4  # least-squares rows per unknown, else no refit
+# An output whose values are all below this, in the original and the pruned model alike,
+# has no direction to compare: its cosine is noise (a detector's map on an input with no
+# text is ~1e-4 everywhere), so it is reported as not meaningful and the max abs error,
+# below this too, says all there is.
+_NEAR_ZERO = 1e-3
 
 
 @dataclasses.dataclass
@@ -64,6 +69,11 @@ def _say(progress, msg: str) -> None:
         import sys
 
         print(f"onnxopt prune: {msg}", file=sys.stderr, flush=True)
+
+
+def _data_label(data) -> str:
+    """What the calibration samples are, for progress and the report: random ones are a smoke test."""
+    return "random smoke-test samples" if getattr(data, "is_random", False) else "calibration samples"
 
 
 def _keep_count(channels: int, ratio: float, multiple: int) -> int:
@@ -195,11 +205,13 @@ def _add_output_shift(model: ir.Model, node: ir.Node, shift: np.ndarray, taken: 
 
 
 def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.Node], targets, out_index,
-                      feeds, max_positions: int, taken: set[str], progress) -> list[str]:
+                      feeds, max_positions: int, taken: set[str], progress) -> tuple[list[str], dict[str, str]]:
     """Refit each of ``nodes`` (in graph order) by least squares on the input the pruned
     ``model`` gives it, against the original layer's output on the original input at the
     same im2col positions: ``min E[(W' x' + db - W x)^2]``. Later layers see the earlier
-    refits, so the error does not pile up through the network."""
+    refits, so the error does not pile up through the network.
+
+    Returns the refit layers and ``{layer: why}`` for those that kept their cut weights."""
     from onnxopt.quantization.qdq import with_outputs
     from onnxopt.quantization.rounding import _conv_geometry
     from onnxopt.verify import make_session
@@ -208,9 +220,13 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
     # The original inputs of every layer come from one session (kept for all steps: holding
     # every layer's input of every feed would take GBs on a detector at 640x640).
     orig_sess = make_session(with_outputs(original, sorted({n.inputs[0].name for n in nodes})))
-    done = []
+    done: list[str] = []
+    skipped: dict[str, str] = {}
     try:
         for step, node in enumerate(nodes):
+            if step and step % 10 == 0:
+                _say(progress, f"  refit {step}/{len(nodes)} layers"
+                     + (f" ({len(skipped)} of them kept their cut weights)" if skipped else ""))
             w_full = targets[node.name]
             x_name = node.inputs[0].name
             conv = node.op_type == "Conv"
@@ -241,7 +257,9 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
                 w2 = w2[rows]
             d = hp.shape[0]
             if count < _MIN_SAMPLES_PER_FEATURE * (d + 1):
-                continue  # too few samples to fit d weights (a conv after a global pool): keep the cut
+                # Too few samples to fit d weights (a conv after a global pool, or small inputs): keep the cut.
+                skipped[node.name] = f"{count} sampled rows for {d + 1} unknowns (needs {_MIN_SAMPLES_PER_FEATURE} per unknown)"
+                continue
             hp, cpo, mp, mo = hp / count, cpo / count, mp / count, mo / count
             # Unknowns [W'; db]: the input features plus a constant 1 (the bias shift).
             a = np.zeros((d + 1, d + 1))
@@ -274,11 +292,11 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
                 base = np.zeros(len(db)) if b_cur is None else np.broadcast_to(np.asarray(b_cur, np.float64).reshape(-1), (len(db),))
                 _set_initializer(model, node, 2, (base + db).astype(cur.dtype), taken)
             done.append(node.name)
-            if progress and (step + 1) % 10 == 0:
-                _say(progress, f"  refit {step + 1}/{len(nodes)} layers")
+        _say(progress, f"  refit {len(nodes)}/{len(nodes)} layers: {len(done)} refit"
+             + (f", {len(skipped)} kept their cut weights (too few calibration rows to fit them)" if skipped else ""))
     finally:
         orig_sess.close()
-    return done
+    return done, skipped
 
 
 def _taken_names(model: ir.Model) -> set[str]:
@@ -342,7 +360,7 @@ def _prune_at(base: ir.Model, ratio: float, multiple: int, excluded: set[str], d
                         ls_nodes.append(node)
                 elif node.op_type in ("Gemm", "MatMul") and w.ndim == 2 and max(w.shape) <= _MAX_LS_FEATURES:
                     ls_nodes.append(node)
-        _say(progress, f"activation statistics on {len(data)} calibration samples"
+        _say(progress, f"activation statistics on {len(data)} {_data_label(data)}"
              + (f" ({len(ls_nodes)} layers to refit)" if ls_nodes else ""))
         wanted = {u.node.inputs[0].name: u.act_axis for s in chosen for u in s.uses if u.kind == "consume"}
         missing = {k: v for k, v in wanted.items() if k not in rms_cache}
@@ -390,15 +408,48 @@ def _prune_at(base: ir.Model, ratio: float, multiple: int, excluded: set[str], d
         for v in s.values:
             if not v.is_graph_output():
                 v.shape = None
-    refit = []
+    refit, refit_skipped = [], {}
     if ls_nodes:
-        _say(progress, f"least-squares refit of {len(ls_nodes)} layers on {len(data)} calibration samples")
-        refit = _refit_sequential(base, model, ls_nodes, targets, out_index, data, max_positions, taken, progress)
+        _say(progress, f"least-squares refit of {len(ls_nodes)} layers on {len(data)} {_data_label(data)}")
+        refit, refit_skipped = _refit_sequential(base, model, ls_nodes, targets, out_index, data, max_positions, taken,
+                                                 progress)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     check_model(model)
 
-    info = {"chosen": chosen, "kept": kept, "space_rows": space_rows, "refit": refit, "rms": rms}
+    info = {"chosen": chosen, "kept": kept, "space_rows": space_rows, "refit": refit, "refit_skipped": refit_skipped,
+            "refit_candidates": len(ls_nodes), "rms": rms}
     return model, info
+
+
+def _ranking_label(activation_aware: bool, data) -> str:
+    if not activation_aware:
+        return "weight magnitude (no calibration data)"
+    return f"activation-aware ({'random data: a smoke test' if getattr(data, 'is_random', False) else 'calibration data'})"
+
+
+def _near_zero(arr) -> bool:
+    a = np.asarray(arr)
+    return a.dtype.kind in "fiub" and (a.size == 0 or float(np.nanmax(np.abs(a))) < _NEAR_ZERO)
+
+
+def _output_agreement(refs: Sequence[Mapping[str, np.ndarray]], news: Sequence[Mapping[str, np.ndarray]]) -> dict[str, dict]:
+    """Per output: the smallest cosine and the largest abs error over the evaluation feeds.
+
+    A feed on which both models' output is ~0 (every value below ``_NEAR_ZERO``) has no
+    cosine worth reporting: it is left out of the minimum, ``cosine_min`` is None when every
+    feed is such, and ``cosine_feeds`` says over how many of the ``feeds`` it was taken.
+    """
+    from onnxopt.verify import compare_outputs
+
+    diffs = [{d.name: d for d in compare_outputs(ref, new, rtol=0.0, atol=0.0)} for ref, new in zip(refs, news)]
+    outputs = {}
+    for name in diffs[0]:
+        cosines = [d[name].cosine for d, ref, new in zip(diffs, refs, news)
+                   if not (_near_zero(ref[name]) and name in new and _near_zero(new[name]))]
+        outputs[name] = {"cosine_min": min(cosines) if cosines else None,
+                         "cosine_feeds": len(cosines), "feeds": len(diffs),
+                         "max_abs": max(d[name].max_abs for d in diffs)}
+    return outputs
 
 
 def prune(
@@ -429,14 +480,25 @@ def prune(
     the ranking and refit do not see); needs ``calib``. ``report``: also write the report as JSON.
     """
     from onnxopt.graph import parameter_stats
-    from onnxopt.model_io import check_output_path
+    from onnxopt.model_io import check_side_output
     from onnxopt.optimize import optimize, sample_feeds
     from onnxopt.quantization import analysis
     from onnxopt.quantization.api import _cosine_drop, _Slice
     from onnxopt.quantization.sensitivity import run_all
-    from onnxopt.verify import compare_outputs
+
+    from onnxopt import arguments as arg
 
     t0 = time.perf_counter()
+    ratio = arg.number("ratio", ratio)
+    multiple = arg.number("multiple", multiple, integer=True)
+    max_positions = arg.number("max_positions", max_positions, low=1, integer=True)
+    samples = arg.number("samples", samples, low=1, integer=True, optional=True)
+    max_drop = arg.number("max_drop", max_drop, optional=True)
+    exclude = arg.names("exclude", exclude)
+    arg.flag("reconstruct", reconstruct)
+    arg.flag("progress", progress)
+    if calib is None and (samples is not None or image_spec is not None):
+        raise OnnxoptError("samples/image_spec need calib: without calibration data nothing reads them")
     if not (0.0 < ratio < 1.0):
         raise OnnxoptError(f"--ratio {ratio}: must be between 0 and 1 (the fraction of channels to remove)")
     if multiple < 1:
@@ -446,7 +508,7 @@ def prune(
     if max_drop is not None and calib is None:
         raise OnnxoptError("--max-drop needs --calib: the drop is measured on held-out calibration samples")
     if report is not None:
-        check_output_path(report)
+        check_side_output(report, "--report", inputs=[model_or_path] if isinstance(model_or_path, (str, os.PathLike)) else [])
     src = analysis.load_float_model(model_or_path, exclude, "prune")
     data = None
     if calib is not None:
@@ -506,26 +568,21 @@ def prune(
     model = pruned
 
     if held:
-        feeds, evaluated_on = held, f"{len(held)} held-out calibration samples"
+        feeds, evaluated_on = held, f"{len(held)} held-out {_data_label(data)}"
     elif data is not None:
         feeds = [f for _, f in zip(range(8), data)]
-        evaluated_on = f"{len(feeds)} calibration samples"
+        evaluated_on = f"{len(feeds)} {_data_label(data)}"
     else:
         feeds = sample_feeds(src, shapes=shapes, count=2)
         evaluated_on = f"{len(feeds)} generated inputs"
     # One session per model (the held-out references are the search's, when it ran).
     refs_eval = refs if held else run_all(src, feeds)
-    diffs = [{d.name: d for d in compare_outputs(ref, new, rtol=0.0, atol=0.0)}
-             for ref, new in zip(refs_eval, run_all(model, feeds))]
-    outputs = {}
-    for name in diffs[0]:
-        outputs[name] = {"cosine_min": min(d[name].cosine for d in diffs),
-                         "max_abs": max(d[name].max_abs for d in diffs)}
+    outputs = _output_agreement(refs_eval, run_all(model, feeds))
     params_after = parameter_stats(model)[0]
     rep = {
         "ratio": ratio,
         "multiple": multiple,
-        "ranking": "activation-aware (calibration data)" if info["rms"] is not None else "weight magnitude (no calibration data)",
+        "ranking": _ranking_label(info["rms"] is not None, data),
         "calibration": getattr(data, "description", None),
         "calibration_is_random": bool(getattr(data, "is_random", False)),
         "spaces_pruned": len(info["chosen"]),
@@ -535,6 +592,8 @@ def prune(
         "params_before": params_before,
         "params_after": params_after,
         "refit_layers": info["refit"],
+        "refit_candidates": info["refit_candidates"],
+        "refit_skipped": info["refit_skipped"],
         "outputs_vs_original": outputs,
         "evaluated_on": evaluated_on,
         "spaces": info["space_rows"],
@@ -542,19 +601,28 @@ def prune(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if report is not None:
-        import json
-
-        from onnxopt.atomic import write_text_atomic
-
-        write_text_atomic(report, json.dumps(rep, indent=2, default=str))
+        _write_report(report, rep)
     return PruneResult(model, rep)
+
+
+def _write_report(path, rep: dict) -> None:
+    import json
+
+    from onnxopt.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(rep, indent=2, default=str))
 
 
 def prune_file(input_path, output_path, **kwargs) -> PruneResult:
     """Load, prune and atomically save; options as in :func:`prune`."""
-    from onnxopt.model_io import check_output_path, save_model
+    from onnxopt.model_io import check_output_path, check_side_output, save_model
 
     check_output_path(output_path, input_path)
+    report = kwargs.pop("report", None)
+    if report is not None:  # a report path naming the input or the output fails before any work
+        check_side_output(report, "--report", inputs=[input_path], outputs=[output_path])
     result = prune(input_path, **kwargs)
     save_model(result.model, pathlib.Path(output_path))
+    if report is not None:  # after the model: a failed save must not leave a report behind
+        _write_report(report, result.report)
     return result

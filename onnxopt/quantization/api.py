@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import op_histogram, opset_version
-from onnxopt.model_io import check_output_path, save_model
+from onnxopt.model_io import check_output_path, check_side_output, save_model
 from onnxopt.quantization import analysis, cnn, glue
 from onnxopt.quantization.context import QuantContext
 from onnxopt.quantization.opset import ensure_opset
@@ -169,7 +169,8 @@ def quantize(
     ``calib``: anything ``onnxopt.calibration.load_calibration_data`` accepts (folder of .npz
     or images, one .npz, iterable of feed dicts, a CalibrationDataReader). ``max_drop``: the
     largest allowed ``1 - cosine`` between fp32 and int8 outputs (each output pooled over the
-    held-out calibration samples); the layers that hurt most go back to float until it holds. ``report``: a JSON
+    held-out calibration samples; with fewer than 4 samples none is held out and the drop is
+    measured on the calibration samples themselves); the layers that hurt most go back to float until it holds. ``report``: a JSON
     path for the report (also returned as ``QuantizeResult.report``). ``smoothquant``: "auto"
     (smooth a MatMul input where that lowers its layers' output error by 25% and 1e-3,
     measured on calibration rows), True/"on" (wherever it lowers it at all), False/"off";
@@ -191,7 +192,21 @@ def quantize(
     from onnxopt.optimize import optimize
     from onnxopt.verify import check_model
 
+    from onnxopt import arguments as arg
+
     t_start = _T0[0] = time.perf_counter()
+    exclude = arg.names("exclude", exclude)
+    samples = arg.number("samples", samples, low=1, integer=True, optional=True)
+    holdout = arg.number("holdout", holdout, low=0, integer=True, optional=True)
+    max_drop = arg.number("max_drop", max_drop, optional=True)
+    smoothquant_alpha = arg.number("smoothquant_alpha", smoothquant_alpha, low=0, high=1, low_open=True,
+                                   high_open=True, optional=True)
+    for name, value in (("per_channel", per_channel), ("float_front", float_front), ("progress", progress),
+                        ("range_search", range_search)):
+        arg.flag(name, value)
+    if sensitivity is not None:
+        arg.flag("sensitivity", sensitivity)
+    arg.choice("equalize", equalize, ("auto", "on", "off", True, False))
     if method not in METHODS:
         raise OnnxoptError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
     if max_drop is not None and not (0 < max_drop < 1):
@@ -200,7 +215,7 @@ def quantize(
         raise OnnxoptError(f"smoothquant={smoothquant!r}: use 'auto', 'on' or 'off'")
     scheme = scheme_for(target, per_channel=per_channel)
     if report is not None:
-        check_output_path(report)
+        check_side_output(report, "--report", inputs=[model_or_path] if isinstance(model_or_path, (str, os.PathLike)) else [])
     src = analysis.load_float_model(model_or_path, exclude, "quantize")
     rep: dict = {"scheme": scheme.describe(), "method": method, "target": target}
 
@@ -389,15 +404,17 @@ def quantize(
 
     if want_sens and held_feeds:
         sens_feeds = held_feeds[:4]
-        _say(progress, f"per-layer sensitivity (SQNR) on {len(sens_feeds)} held-out samples")
+        # Without a hold-out (only --report, or under 4 samples) these samples also calibrated.
+        seen = "held-out samples" if h else "calibration samples (none held out)"
+        _say(progress, f"per-layer sensitivity (SQNR) on {len(sens_feeds)} {seen}")
         sqnr = layer_sqnr(model, layers, ranges, scheme, sens_feeds)
         for name, db in sqnr.items():
             layer_rep[name]["sqnr_db"] = round(db, 2)
         refs = run_all(model, held_feeds)
         drop, worst = _cosine_drop(refs, run_all(qmodel, held_feeds))
         fb = {"metric": "1 - cosine similarity between fp32 and int8 outputs, each float output pooled over "
-                        f"{len(held_feeds)} held-out calibration samples (the worst output counts)",
-              "before": drop, "worst_sample_before": worst, "max_drop": max_drop, "to_float": []}
+                        f"{len(held_feeds)} {seen} (the worst output counts)",
+              "held_out": bool(h), "before": drop, "worst_sample_before": worst, "max_drop": max_drop, "to_float": []}
         if max_drop is not None and drop > max_drop:
             # Rank by what each layer does to the model output when it is the only int8 layer
             # (local SQNR ranks badly on CNNs: on PP-OCR det the first and the head convs are
@@ -462,11 +479,17 @@ def quantize(
     rep["seconds"] = round(time.perf_counter() - t_start, 3)
     _say(progress, "done")
     if report is not None:
-        from onnxopt.atomic import write_text_atomic
-        import json
-
-        write_text_atomic(str(report), json.dumps(rep, indent=2, default=_json_default) + "\n")
+        write_report(report, rep)
     return QuantizeResult(qmodel, rep)
+
+
+def write_report(path, rep: dict) -> None:
+    """The report as JSON, written atomically."""
+    import json
+
+    from onnxopt.atomic import write_text_atomic
+
+    write_text_atomic(os.fspath(path), json.dumps(rep, indent=2, default=_json_default) + "\n")
 
 
 RANGE_SEARCH_FEEDS = 8
@@ -543,6 +566,11 @@ def _json_default(obj):
 def quantize_file(input_path, output_path, **kwargs) -> QuantizeResult:
     """Load, quantize and atomically save; options as in :func:`quantize`."""
     check_output_path(output_path, input_path)
+    report = kwargs.pop("report", None)
+    if report is not None:
+        check_side_output(report, "--report", inputs=[input_path], outputs=[output_path])
     result = quantize(input_path, **kwargs)
     save_model(result.model, pathlib.Path(output_path))
+    if report is not None:  # after the model: a failed save must not leave a report behind
+        write_report(report, result.report)
     return result
