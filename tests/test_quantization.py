@@ -704,3 +704,13 @@ def test_drop_says_whether_its_samples_were_held_out(small_cnn, tmp_path, capsys
     np.savez(npz, x=np.concatenate([f["x"] for f in feeds[:3]]))
     assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(npz), "--max-drop", "0.5", "--quiet"]) == 0
     assert "output drop (1 - cosine, calibration samples, none held out)" in capsys.readouterr().out
+
+
+def test_exclude_by_op_type_finds_layers_the_pipeline_fused(cls_model):
+    """cls's MatMul becomes a Gemm in the float pipeline: excluding either op type keeps it float."""
+    path, calib, _ = cls_model
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("MatMul") == 1
+    for op in ("MatMul", "Gemm"):
+        layers = quantize(path, calib[:2], exclude=[op], progress=False).report["layers"]
+        excluded = [k for k, v in layers.items() if v.get("reason") == "excluded by the user"]
+        assert excluded == ["MatMul@0"], (op, excluded)

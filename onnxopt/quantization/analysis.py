@@ -229,17 +229,26 @@ def _origin(node: ir.Node | None, key: str = ORIGIN_KEY) -> str | None:
     return node.meta.get(key) if node is not None else None
 
 
+# The float pipeline fuses MatMul + Add into Gemm (and the report then lists a Gemm): an op
+# type given to --exclude names its whole family, so "MatMul" still finds the fused layer.
+_OP_FAMILY = {"MatMul": "MatMul", "Gemm": "MatMul"}
+
+
+def _family(op_type: str | None) -> str | None:
+    return _OP_FAMILY.get(op_type, op_type) if op_type is not None else None
+
+
 def check_exclusions(model: ir.Model, exclude) -> None:
     """Fail fast on ``--exclude`` entries that cannot name anything: not a node name or op
-    type of the user's model, nor a name the quantizer derives from one (``<name>_...``,
+    type (family: MatMul/Gemm) of the user's model, nor a name the quantizer derives from one (``<name>_...``,
     as the report lists the convs it makes from a ConvTranspose pair). The exact check
     runs again on the transformed model (:func:`apply_exclusions`)."""
     if not exclude:
         return
     names = {n.name for n in model.graph if n.name}
-    ops = {n.op_type for n in model.graph}
+    ops = {_family(n.op_type) for n in model.graph}
     for item in exclude:
-        if item in names or item in ops or any(item.startswith(f"{n}_") for n in names):
+        if item in names or _family(item) in ops or any(item.startswith(f"{n}_") for n in names):
             continue
         raise OnnxoptError(f"--exclude {item!r}: no node or op type of that name in the model")
 
@@ -252,15 +261,17 @@ def apply_exclusions(model: ir.Model, layers: list[Layer], exclude, nodes: dict[
         return layers, {}
     by_name = nodes if nodes is not None else {n.name: n for n in model.graph}
     names = set(by_name) | {o for o in (_origin(n) for n in model.graph) if o}
-    ops = {n.op_type for n in model.graph} | {o for o in (_origin(n, ORIGIN_OP_KEY) for n in model.graph) if o}
+    ops = {_family(n.op_type) for n in model.graph} | {_family(_origin(n, ORIGIN_OP_KEY)) for n in model.graph}
     for item in exclude:
-        if item not in names and item not in ops:
+        if item not in names and _family(item) not in ops:
             raise OnnxoptError(f"--exclude {item!r}: no node or op type of that name in the model")
     keep, dropped = [], {}
     wanted = set(exclude)
+    families = {_family(w) for w in wanted}
     for layer in layers:
         node = by_name.get(layer.name)
-        if layer.name in wanted or layer.op_type in wanted or _origin(node) in wanted or _origin(node, ORIGIN_OP_KEY) in wanted:
+        if layer.name in wanted or _origin(node) in wanted or _family(layer.op_type) in families \
+                or (_origin(node, ORIGIN_OP_KEY) is not None and _family(_origin(node, ORIGIN_OP_KEY)) in families):
             dropped[layer.name] = "excluded by the user"
         else:
             keep.append(layer)
