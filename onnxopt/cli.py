@@ -118,6 +118,12 @@ def _stats_table(result, title: str) -> Table:
     return table
 
 
+def _given(param: str) -> bool:
+    """Whether the user typed this option (not just its default)."""
+    ctx = click.get_current_context()
+    return ctx.get_parameter_source(param) not in (None, click.core.ParameterSource.DEFAULT)
+
+
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the optimized model.")
@@ -150,6 +156,13 @@ def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, i
     from onnxopt.optimize import optimize_file
     from onnxopt.plugins import load_plugin
 
+    # Contradictory options are refused: quietly letting one win hides what actually ran.
+    if verify_each and no_verify:
+        raise click.UsageError("--verify and --no-verify contradict each other; give one")
+    if pass_list is not None and _given("preset"):
+        raise click.UsageError("--passes replaces the preset; give --passes or --preset, not both")
+    if pass_list is not None and not pass_list.strip(" ,"):
+        raise click.UsageError("no passes given: --passes is empty (onnxopt passes lists them)")
     if json_path:  # a bad --json path must fail before the model is written, not after
         from onnxopt.model_io import check_side_output
 
@@ -394,6 +407,8 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
     from onnxopt.inputs import parse_shape_specs
     from onnxopt.quantization import quantize_file
 
+    if smoothquant == "off" and smoothquant_alpha is not None:
+        raise click.UsageError("--smoothquant-alpha sets SmoothQuant's strength, but --smoothquant off turns it off")
     spec = _image_spec(image_size, image_spec)
     result = quantize_file(
         model, output, calib=calib, method=method, target=target, per_channel=per_channel, exclude=exclude,

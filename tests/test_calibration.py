@@ -880,3 +880,23 @@ def test_minmax_through_the_base_equals_an_optimised_session(monkeypatch, cls_mo
     for name in cls_all_tensors:
         a, b = via_base[name], direct[name]
         assert (a.min, a.max, a.count, a.finite) == (b.min, b.max, b.count, b.finite), name
+
+
+def test_image_preprocessing_for_data_that_is_not_images_is_refused(capsys, tiny_model_path, tmp_path):
+    """--image-size with .npz (or random) calibration used to be ignored without a word."""
+    from onnxopt.cli import main
+
+    def _run_cli(capsys, *args):
+        code = main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, x=np.ones((4, 4), np.float32))
+    out = tmp_path / "q.onnx"
+    for calib in (npz, "random"):
+        code, err = _run_cli(capsys, "quantize", tiny_model_path, "-o", out, "--calib", calib, "--shape", "x:1x4",
+                         "--image-size", "8x8")
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert "image preprocessing (--image-size/--image-spec) is for image calibration data" in lines[0]
+        assert not out.exists()

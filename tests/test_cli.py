@@ -239,3 +239,27 @@ def test_no_arguments_print_the_help_not_an_error(capsys):
     code, stdout, err = run_cli(capsys)
     assert code == 0 and err == ""
     assert stdout.startswith("Usage: onnxopt") and "quantize" in stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--verify", "--no-verify"], "--verify and --no-verify contradict each other"),
+        (["--preset", "default", "--passes", "cse"], "give --passes or --preset, not both"),
+        (["--passes", ""], "no passes given: --passes is empty"),
+        (["--passes", " , "], "no passes given: --passes is empty"),
+    ],
+)
+def test_contradictory_optimize_options_are_refused(capsys, tiny_model_path, tmp_path, args, message):
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(capsys, "optimize", tiny_model_path, "-o", out, *args)
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+def test_smoothquant_alpha_with_smoothquant_off_is_refused(capsys, tiny_model_path, tmp_path):
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(capsys, "quantize", tiny_model_path, "-o", out, "--calib", "random", "--shape", "x:1x4",
+                           "--smoothquant", "off", "--smoothquant-alpha", "0.5")
+    assert_one_line_error(code, err, "--smoothquant off turns it off")
+    assert not out.exists()

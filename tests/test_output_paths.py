@@ -111,3 +111,4 @@ def test_quantize_file_writes_no_report_when_the_model_cannot_be_saved(tiny_mode
         api.quantize_file(tiny_model_path, tmp_path / "q.onnx", calib="random", shapes={"x": (2, 4)},
                           report=tmp_path / "q.json", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+

@@ -644,6 +644,12 @@ def load_calibration_data(
     if isinstance(image_spec, str):
         image_spec = ImageSpec.parse(image_spec)
     source = _make_source(spec, model, samples, image_spec, seed, shapes)
+    if image_spec is not None and not isinstance(source, _ImageFolder):
+        # Silently ignoring it would let a user believe their preprocessing was applied.
+        raise OnnxoptError(
+            f"image preprocessing (--image-size/--image-spec) is for image calibration data; "
+            f"{source.description or type(spec).__name__} holds model inputs already"
+        )
     data = CalibrationData(model, source, samples)
     data.first()  # fail early: a wrong file should not cost a model load and a pass
     return data
