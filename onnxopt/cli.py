@@ -118,6 +118,10 @@ def _stats_table(result, title: str) -> Table:
     return table
 
 
+# Below this many timed runs a bootstrap interval of the median is not worth its digits.
+FEW_RUNS = 10
+
+
 def _given(param: str) -> bool:
     """Whether the user typed this option (not just its default)."""
     ctx = click.get_current_context()
@@ -365,6 +369,10 @@ def bench(models, eps, threads, spin, block, warmup, runs, duration, shapes, inp
         report = benchmark(list(models), progress=progress, **kwargs)
     for table in report.tables():
         out.print(table)
+    fewest = min((r["runs"] for r in report.results), default=0)
+    if len(models) > 1 and fewest < FEW_RUNS:
+        console.print(f"onnxopt: warning: {fewest} timed runs per model: the 95% intervals are rough "
+                      f"(--runs {FEW_RUNS * 3} or more for numbers to rely on)")
     if json_path:
         report.write_json(json_path)
     if csv_path:

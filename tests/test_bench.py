@@ -137,6 +137,8 @@ def test_cli_writes_json_csv_and_table(tmp_path, capsys, mlp, mlp_int8):
     assert [r["model"] for r in rows] == ["mlp.onnx", "mlp.int8.onnx"]
     assert rows[0]["speedup"] == "" and float(rows[1]["speedup"]) > 0
     assert float(rows[1]["p50_ms"]) == pytest.approx(data["results"][1]["latency_ms"]["p50"], rel=1e-3)
+    # 5 runs give an interval, and a warning that it is rough.
+    assert "5 timed runs per model: the 95% intervals are rough" in " ".join(captured.err.split())
 
 
 def test_schema_validator_rejects_broken_reports(mlp, mlp_int8):
@@ -540,4 +542,5 @@ def test_block_runs_each_model_back_to_back_and_is_recorded(tmp_path, capsys, ml
     js = tmp_path / "b.json"
     assert main(["bench", mlp, mlp_int8, "--block", "4", "--runs", "4", "--warmup", "0", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["settings"]["block"] == 4
+    capsys.readouterr()
     _one_line_error(capsys, ["bench", mlp, "--block", "0", "--runs", "2"], contains="--block must be at least 1")
