@@ -75,9 +75,14 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-def passes() -> None:
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE", help="Also list the passes of a module or .py file (repeatable).")
+def passes(plugins) -> None:
     """List every registered pass and preset with a one-line description."""
     from onnxopt.passes import all_passes, all_presets, preset_passes
+    from onnxopt.plugins import load_plugin
+
+    for plugin in plugins:
+        load_plugin(plugin)
 
     table = Table(title="Passes", show_lines=False)
     table.add_column("pass", no_wrap=True)

@@ -7,6 +7,9 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
+# Dimension names exporters write for "unknown": they tie no two dimensions together.
+ANONYMOUS_DIM_NAMES = frozenset({"", "?", "-1", "None", "none", "unk", "unknown", "dynamic"})
+
 
 def all_graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
     """The main graph, every subgraph (If/Loop/Scan bodies) and every local function."""

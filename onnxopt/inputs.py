@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
+from onnxopt.graph import ANONYMOUS_DIM_NAMES
 
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 64
@@ -37,6 +38,8 @@ def parse_shape_specs(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]
             raise OnnxoptError(f"--shape {spec!r}: dimensions must be integers, for example 1x3x640x640") from None
         if any(d < 0 for d in shape):
             raise OnnxoptError(f"--shape {spec!r}: dimensions must not be negative")
+        if name in shapes and shapes[name] != shape:
+            raise OnnxoptError(f"--shape {name}: given twice ({'x'.join(map(str, shapes[name]))} and {dims}); give it once")
         shapes[name] = shape
     return shapes
 
@@ -66,7 +69,8 @@ def _vocab_size(value: ir.Value) -> int | None:
     return None
 
 
-def _resolve_shape(value: ir.Value, given: Mapping[str, tuple[int, ...]], symbols: dict[str, int]) -> tuple[int, ...]:
+def _resolve_shape(value: ir.Value, given: Mapping[str, tuple[int, ...]], symbols: dict[str, int],
+                   owners: dict[str, str] | None = None) -> tuple[int, ...]:
     if value.name in given:
         shape = given[value.name]
         declared = value.shape
@@ -81,7 +85,18 @@ def _resolve_shape(value: ir.Value, given: Mapping[str, tuple[int, ...]], symbol
                         f"--shape {value.name}: dimension {i} is fixed to {want} in the model, got {got}"
                     )
                 if isinstance(want, ir.SymbolicDim) and want.value is not None:
+                    owner = owners.get(want.value) if owners is not None else None
+                    # "?" and the like name no dimension; within one input a repeat is the user's call.
+                    if owner not in (None, value.name) and want.value not in ANONYMOUS_DIM_NAMES \
+                            and symbols[want.value] != got:
+                        # ORT would fail later with a cryptic broadcast error.
+                        raise OnnxoptError(
+                            f"--shape {value.name}: dimension {i} ({want.value!r}) is {got}, but {owner} gives "
+                            f"{want.value!r} as {symbols[want.value]}; inputs sharing a named dimension must agree"
+                        )
                     symbols.setdefault(want.value, got)
+                    if owners is not None:
+                        owners.setdefault(want.value, value.name)
         return shape
     if value.shape is None:
         raise OnnxoptError(f"input {value.name!r} has no declared shape; give it with --shape {value.name}:DIMS")
@@ -137,8 +152,9 @@ def make_sample_inputs(
     # Resolve user-given shapes first so their symbolic dims propagate to other inputs.
     ordered = sorted(model_inputs(model), key=lambda v: v.name not in given)
     feeds: dict[str, np.ndarray] = {}
+    owners: dict[str, str] = {}  # named dimension -> the --shape input that fixed it
     for value in ordered:
-        shape = _resolve_shape(value, given, symbols)
+        shape = _resolve_shape(value, given, symbols, owners)
         if any(d > 1 << 20 for d in shape) or int(np.prod(shape, dtype=np.float64)) > 1 << 30:
             raise OnnxoptError(f"input {value.name!r}: shape {shape} is too large to generate")
         dtype = numpy_dtype(value.dtype)

@@ -13,6 +13,7 @@ names its passes are registered under.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -57,6 +58,9 @@ def load_plugin(spec: str) -> list[str]:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise OnnxoptError(f"plugin {spec!r} failed to import: {type(e).__name__}: {msg}") from None
     added = {n for n, info in registry.PASSES.items() if before.get(n) is not info}
+    for n in added:  # a plugin's own register_pass calls: say where they came from
+        if registry.PASSES[n].source == "onnxopt":
+            registry.PASSES[n] = dataclasses.replace(registry.PASSES[n], source=spec)
     for _, obj in inspect.getmembers(module, inspect.isclass):
         if (
             issubclass(obj, ir.passes.PassBase)

@@ -263,3 +263,28 @@ def test_smoothquant_alpha_with_smoothquant_off_is_refused(capsys, tiny_model_pa
                            "--smoothquant", "off", "--smoothquant-alpha", "0.5")
     assert_one_line_error(code, err, "--smoothquant off turns it off")
     assert not out.exists()
+
+
+def test_passes_lists_a_plugins_passes(capsys):
+    code, stdout, err = run_cli(capsys, "passes", "--plugin", EXAMPLE)
+    assert code == 0, err
+    row = next(line for line in stdout.splitlines() if "remove-double-neg" in line)
+    assert "remove_double_neg" in row or "examples" in row  # its source: the plugin file
+
+
+def test_shapes_that_disagree_on_a_named_dimension_are_refused(capsys, tmp_path):
+    """Two inputs sharing 'seq' given 128 and 64 used to reach ORT as a broadcast error."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "two",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq"]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])],
+    )
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, _, err = run_cli(capsys, "compare", path, path, "--shape", "a:1x128", "--shape", "b:1x64")
+    assert_one_line_error(code, err, "--shape b: dimension 1 ('seq') is 64, but a gives 'seq' as 128")
+    code, _, err = run_cli(capsys, "compare", path, path, "--shape", "a:1x128", "--shape", "a:1x64")
+    assert_one_line_error(code, err, "--shape a: given twice (1x128 and 1x64)")
+    code, stdout, err = run_cli(capsys, "compare", path, path, "--shape", "a:2x8", "--shape", "b:2x8")
+    assert code == 0, err

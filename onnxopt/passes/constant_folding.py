@@ -57,6 +57,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.graph import ANONYMOUS_DIM_NAMES
 from onnxopt.passes._shapes import (
     ProtoEditor,
     cached_inference_proto,
@@ -106,7 +107,6 @@ _INT_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
 _GENERATIVE = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "OneHot", "Resize", "Upsample", "EyeLike"})
 
 
-_ANONYMOUS_DIM_NAMES = frozenset({"", "?", "-1", "None", "none", "unk", "unknown", "dynamic"})
 
 
 class _Sym:
@@ -120,7 +120,7 @@ class _Sym:
     __slots__ = ("name", "origin")
 
     def __init__(self, name: str | None, origin: tuple | None = None):
-        self.name = name if name not in _ANONYMOUS_DIM_NAMES else None
+        self.name = name if name not in ANONYMOUS_DIM_NAMES else None
         self.origin = origin
 
     def __eq__(self, other):

@@ -238,6 +238,7 @@ class PassManager:
                 # The pristine copy shares its tensors with the caller's model; weights a
                 # pass replaced stay mapped through it unless released before ORT maps them.
                 release_mappings(pristine)
+                self.progress("verifying against the original")
                 self.verifier.verify(work)
                 break
             except VerificationError as e:
