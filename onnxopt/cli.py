@@ -19,7 +19,7 @@ from rich.table import Table
 from onnxopt.errors import OnnxoptError
 
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
-_WIDTH = None if sys.stdout.isatty() else 160
+_WIDTH = None if sys.stdout.isatty() else 200  # piped: wide enough that no number wraps
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # stderr messages stay one line each
 out = Console(highlight=False, width=_WIDTH)
 

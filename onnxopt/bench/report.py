@@ -105,9 +105,10 @@ class BenchReport:
         t = Table(title="onnxopt bench: latency (ms) per inference call")
         t.add_column("model", overflow="fold")
         for col in ("ep", "batch", "runs", "p50", "p90", "p99", "mean ± std", "min", "samples/s", "first run", "session init", "peak MB"):
-            t.add_column(col, justify="left" if col == "ep" else "right")
+            t.add_column(col, justify="left" if col == "ep" else "right", no_wrap=col == "mean ± std")
         if self.comparisons:
-            t.add_column("speedup vs first [95% CI]", justify="right")
+            # Numbers that wrap mid-interval are misread; the header breaks where it should instead.
+            t.add_column("speedup vs first\n[95% CI]", justify="right", no_wrap=True)
         for r in self.results:
             lat = r["latency_ms"]
             c = self.comparison_for(r)
