@@ -139,6 +139,11 @@ def test_bad_model_files(capsys, tmp_path, tiny_model_path, case, expect):
         (["--shape", "x:1x5"], "fixed to 4"),
         (["--plugin", "no_such_module_xyz"], "failed to import"),
         (["--plugin", "json"], "defines no pass"),
+        # contradictions: refused rather than letting one option win silently
+        (["--verify", "--no-verify"], "--verify and --no-verify contradict each other"),
+        (["--preset", "default", "--passes", "cse"], "give --passes or --preset, not both"),
+        (["--passes", ""], "no passes given: --passes is empty"),
+        (["--passes", " , "], "no passes given: --passes is empty"),
     ],
 )
 def test_bad_options(capsys, tiny_model_path, tmp_path, args, expect):
@@ -239,22 +244,6 @@ def test_no_arguments_print_the_help_not_an_error(capsys):
     code, stdout, err = run_cli(capsys)
     assert code == 0 and err == ""
     assert stdout.startswith("Usage: onnxopt") and "quantize" in stdout
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--verify", "--no-verify"], "--verify and --no-verify contradict each other"),
-        (["--preset", "default", "--passes", "cse"], "give --passes or --preset, not both"),
-        (["--passes", ""], "no passes given: --passes is empty"),
-        (["--passes", " , "], "no passes given: --passes is empty"),
-    ],
-)
-def test_contradictory_optimize_options_are_refused(capsys, tiny_model_path, tmp_path, args, message):
-    out = tmp_path / "out.onnx"
-    code, _, err = run_cli(capsys, "optimize", tiny_model_path, "-o", out, *args)
-    assert_one_line_error(code, err, message)
-    assert not out.exists()
 
 
 def test_smoothquant_alpha_with_smoothquant_off_is_refused(capsys, tiny_model_path, tmp_path):
