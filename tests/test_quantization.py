@@ -714,3 +714,14 @@ def test_exclude_by_op_type_finds_layers_the_pipeline_fused(cls_model):
         layers = quantize(path, calib[:2], exclude=[op], progress=False).report["layers"]
         excluded = [k for k, v in layers.items() if v.get("reason") == "excluded by the user"]
         assert excluded == ["MatMul@0"], (op, excluded)
+
+
+def test_progress_in_a_log_is_lines_without_blanks(small_cnn, tmp_path, capsys):
+    """stderr not a terminal (a CI log): each step one line, no empty line left by a live bar."""
+    path, feeds = small_cnn
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, x=np.concatenate([f["x"] for f in feeds]))
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(npz)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert any("calibrating" in line for line in lines) and lines[-1].endswith("done")
+    assert all(line.strip() for line in lines), lines

@@ -762,7 +762,9 @@ def _prefetched(data: CalibrationData) -> Iterator[Iterator[Mapping[str, np.ndar
 
 @contextlib.contextmanager
 def _progress(enabled: bool, data: CalibrationData, ngroups: int, n_samples: int | None) -> Iterator:
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():
+        # A log file gets no animation, only the blank line a closing live display leaves;
+        # the "calibrating ..." line already said what runs.
         yield lambda gi, ng: None
         return
     from rich.console import Console
@@ -776,7 +778,6 @@ def _progress(enabled: bool, data: CalibrationData, ngroups: int, n_samples: int
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        transient=not sys.stderr.isatty(),
     ) as prog:
         task = prog.add_task(f"group 1/{ngroups}", total=total)
 
