@@ -69,6 +69,7 @@ def cli(verbose: bool) -> None:
     onnxopt demo                                    optimize and time a real detector (PP-OCRv4)
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="onnxopt: %(message)s")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.ERROR)  # basicConfig acts once per process
     # Python warnings (numpy's "invalid value in sqrt" on a degenerate weight, ...) go to the
     # log, shown with -v, instead of raw lines on stderr: the safety net judges the result.
     logging.captureWarnings(True)
@@ -502,6 +503,17 @@ def _write_json(path: str, data) -> None:
     from onnxopt.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def _verbose(ctx, _param, value: bool) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+# `-v` after the command too (`onnxopt optimize m.onnx -o o.onnx -v`), as users type it.
+for _command in cli.commands.values():
+    _command.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, callback=_verbose,
+                                        help="Show warnings and progress details (as 'onnxopt -v COMMAND')."))
 
 
 def main(argv: list[str] | None = None) -> int:

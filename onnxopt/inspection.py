@@ -9,6 +9,7 @@ import onnx_ir as ir
 from rich.markup import escape
 from rich.table import Table
 
+from onnxopt.errors import OnnxoptError
 from onnxopt.graph import all_nodes, count_nodes, op_histogram, parameter_stats
 from onnxopt.inputs import model_inputs
 from onnxopt.model_io import load_model
@@ -55,9 +56,21 @@ def inspect_model(model: ir.Model | str | os.PathLike) -> dict:
     ``constant_parameters``/``constant_parameter_bytes`` are the Constant-node part.
     """
     path = None
+    checker = None
     if not isinstance(model, ir.Model):
         path = pathlib.Path(model)
-        model = load_model(path)
+        try:
+            model = load_model(path)
+        except OnnxoptError as e:
+            # A model that parses but fails the checker is exactly one a user wants to look
+            # inside: show it, and say what the checker said.
+            if "fails the ONNX checker" not in str(e):
+                raise
+            checker = str(e).split("fails the ONNX checker: ", 1)[-1]
+            try:
+                model = load_model(path, check=False)
+            except Exception:  # noqa: BLE001 - onnx-ir cannot build it either: the checker's word stands
+                raise e from None
     params, nbytes = parameter_stats(model)
     const_params, const_bytes = constant_node_stats(model)
     external: dict[str, int] = {}
@@ -68,6 +81,7 @@ def inspect_model(model: ir.Model | str | os.PathLike) -> dict:
                 external[loc] = external.get(loc, 0) + value.const_value.nbytes
     return {
         "path": str(path) if path else None,
+        "checker_error": checker,
         "file_bytes": path.stat().st_size if path else None,
         "ir_version": model.ir_version,
         "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
@@ -111,6 +125,8 @@ def print_inspect(console, info: dict) -> None:
     (``float[batch,3]``) and names would otherwise lose their brackets.
     """
     console.print(header_line(info))
+    if info.get("checker_error"):
+        console.print(f"[yellow]fails the ONNX checker:[/yellow] {escape(info['checker_error'])} (other commands refuse it)")
     console.print("opsets: " + ", ".join(f"{escape(d or 'ai.onnx')} {v}" for d, v in info["opset_imports"].items()))
     io = Table(title="inputs and outputs")
     io.add_column("kind")

@@ -124,10 +124,17 @@ def test_bad_model_files(capsys, tmp_path, tiny_model_path, case, expect):
     else:
         model = _bad(tmp_path, case)
     out = tmp_path / "out.onnx"
-    for args in (["optimize", model, "-o", out], ["inspect", model], ["compare", model, model]):
+    commands = [["optimize", model, "-o", out], ["compare", model, model]]
+    if case != "checker":  # inspect shows a model that parses, and what the checker said
+        commands.append(["inspect", model])
+    for args in commands:
         code, _, err = run_cli(capsys, *args)
         assert_one_line_error(code, err, expect)
     assert not out.exists()
+    if case == "checker":
+        code, stdout, err = run_cli(capsys, "inspect", model)
+        assert code == 0, err
+        assert "fails the ONNX checker:" in stdout and "Relu" in stdout
 
 
 @pytest.mark.parametrize(
@@ -277,3 +284,16 @@ def test_shapes_that_disagree_on_a_named_dimension_are_refused(capsys, tmp_path)
     assert_one_line_error(code, err, "--shape a: given twice (1x128 and 1x64)")
     code, stdout, err = run_cli(capsys, "compare", path, path, "--shape", "a:2x8", "--shape", "b:2x8")
     assert code == 0, err
+
+
+def test_verbose_flag_works_after_the_command_too(tiny_model_path, tmp_path):
+    """`onnxopt optimize m.onnx -o o.onnx -v` is how people type it; it used to be 'No such option'."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "onnxopt.cli", *map(str, args)], capture_output=True, text=True)
+
+    quiet = run("optimize", tiny_model_path, "-o", tmp_path / "a.onnx")
+    after = run("optimize", tiny_model_path, "-o", tmp_path / "b.onnx", "-v")
+    before = run("-v", "optimize", tiny_model_path, "-o", tmp_path / "c.onnx")
+    assert quiet.returncode == after.returncode == before.returncode == 0, after.stderr
+    assert "onnxopt:" not in quiet.stderr
+    assert after.stderr.count("onnxopt:") == before.stderr.count("onnxopt:") > 0
