@@ -222,10 +222,23 @@ def inspect_cmd(model, as_json) -> None:
     from onnxopt.inspection import inspect_model, print_inspect
 
     info = inspect_model(model)
+    try:
+        # Rendered whole before anything is printed: a model that fails the checker may hold
+        # things no table can show, and then only the checker's verdict is printed, alone.
+        if as_json:
+            text = json.dumps(info)
+        else:
+            with out.capture() as captured:
+                print_inspect(out, info)
+            text = captured.get()
+    except Exception:
+        if info.get("checker_error"):
+            raise OnnxoptError(f"{model}: fails the ONNX checker: {info['checker_error']}") from None
+        raise
     if as_json:
-        out.print_json(json.dumps(info))
-        return
-    print_inspect(out, info)
+        out.print_json(text)
+    else:
+        sys.stdout.write(text)
 
 
 @cli.command()

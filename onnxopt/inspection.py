@@ -55,22 +55,23 @@ def inspect_model(model: ir.Model | str | os.PathLike) -> dict:
     ``parameters``/``parameter_bytes`` count initializers and Constant-node tensors;
     ``constant_parameters``/``constant_parameter_bytes`` are the Constant-node part.
     """
-    path = None
-    checker = None
-    if not isinstance(model, ir.Model):
-        path = pathlib.Path(model)
+    if isinstance(model, ir.Model):
+        return _inspect(model, None, None)
+    path = pathlib.Path(model)
+    try:
+        return _inspect(load_model(path), path, None)
+    except OnnxoptError as e:
+        # A model that parses but fails the checker is exactly one a user wants to look
+        # inside: show it, and say what the checker said.
+        if "fails the ONNX checker" not in str(e):
+            raise
         try:
-            model = load_model(path)
-        except OnnxoptError as e:
-            # A model that parses but fails the checker is exactly one a user wants to look
-            # inside: show it, and say what the checker said.
-            if "fails the ONNX checker" not in str(e):
-                raise
-            checker = str(e).split("fails the ONNX checker: ", 1)[-1]
-            try:
-                model = load_model(path, check=False)
-            except Exception:  # noqa: BLE001 - onnx-ir cannot build it either: the checker's word stands
-                raise e from None
+            return _inspect(load_model(path, check=False), path, str(e).split("fails the ONNX checker: ", 1)[-1])
+        except Exception:  # noqa: BLE001 - too broken to describe (bad dtypes, ...): the checker's word stands
+            raise e from None
+
+
+def _inspect(model: ir.Model, path: pathlib.Path | None, checker: str | None) -> dict:
     params, nbytes = parameter_stats(model)
     const_params, const_bytes = constant_node_stats(model)
     external: dict[str, int] = {}
