@@ -193,6 +193,10 @@ def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray], *, threads: int 
 
 def check_model(model: ir.Model) -> None:
     """The structural checks: the ONNX checker passes and ONNX Runtime can build a session."""
+    names = [v.name for v in model.graph.outputs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # the checker lets this through; a runtime then cannot tell the outputs apart
+        raise VerificationError(f"graph output {twice[0]!r} is listed twice")
     try:
         if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES and not _has_external(model):
             onnx.checker.check_model(ir.serde.serialize_model(model), full_check=False)
@@ -323,6 +327,12 @@ class Verifier:
                     out = sess.run(feeds)
                 except Exception as e:
                     raise VerificationError(f"ONNX Runtime fails to run it: {_first_line(e)}") from None
+                if list(out) != list(ref):
+                    lost = [n for n in ref if n not in out]
+                    raise VerificationError(
+                        f"the outputs changed: {', '.join(map(repr, lost))} missing" if lost
+                        else f"the outputs changed: {list(ref)} became {list(out)}"
+                    )
                 for d in compare_outputs(ref, out, rtol=self.rtol, atol=self.atol):
                     if not d.within:
                         if d.shape_ref != d.shape_new:

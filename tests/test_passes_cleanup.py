@@ -654,3 +654,30 @@ def test_fold_never_allocates_a_huge_generated_constant():
     after, n = _run(fold_constants, model)
     assert n == 0
     assert _ops(after) == {"ConstantOfShape": 1, "Tile": 1, "ReduceSum": 2, "Add": 1}
+
+
+def test_a_tensor_returned_twice_keeps_both_output_names(tmp_path):
+    """torch's `return y, y, x` exports b = Identity(a) with a and b both outputs: onnx-ir's
+    identity elimination renamed a to b, leaving outputs ['b', 'b', ...] (written as is
+    under --no-verify)."""
+    import onnxopt
+    from onnxopt.errors import VerificationError
+    from onnxopt.verify import check_model
+
+    w = numpy_helper.from_array(np.eye(8, dtype=np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Relu", ["m"], ["a"]),
+         helper.make_node("Identity", ["a"], ["b"]), helper.make_node("Identity", ["x"], ["passthru"])],
+        "dup", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 8]) for n in ("a", "b", "passthru")], [w],
+    )
+    path = tmp_path / "dup.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    for verify in ("final", "off"):
+        result = onnxopt.optimize(path, verify=verify)
+        assert [v.name for v in result.model.graph.outputs] == ["a", "b", "passthru"], verify
+        assert not result.rolled_back
+    broken = onnxopt.load_model(path)
+    broken.graph.outputs[0] = broken.graph.outputs[1]
+    with pytest.raises(VerificationError, match="graph output 'b' is listed twice"):
+        check_model(broken)

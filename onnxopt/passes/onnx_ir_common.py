@@ -64,12 +64,26 @@ register_pass(
     source="onnx-ir",
     factory=common.RemoveInitializersFromInputsPass,
 )
+class _IdentityElimination(common.IdentityEliminationPass):
+    """onnx-ir's pass, minus one case it gets wrong: ``b = Identity(a)`` with both graph outputs.
+
+    A model returning one tensor twice (``return y, y`` in torch) exports exactly that;
+    onnx-ir renames ``a`` to ``b``, so output ``a`` vanishes and ``b`` is listed twice.
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if (node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1 and node.inputs[0] is not None
+                and node.outputs[0].is_graph_output() and node.inputs[0].is_graph_output()):
+            return False
+        return super()._try_eliminate_identity_node(node)
+
+
 register_pass(
     "identity-elimination",
     "Remove Identity nodes, keeping graph output names (onnx-ir IdentityEliminationPass)",
     preset_order=20,
     source="onnx-ir",
-    factory=common.IdentityEliminationPass,
+    factory=_IdentityElimination,
 )
 register_pass(
     "cse",
