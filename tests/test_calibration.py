@@ -900,3 +900,50 @@ def test_image_preprocessing_for_data_that_is_not_images_is_refused(capsys, tiny
         assert code == 2 and len(lines) == 1, err
         assert "image preprocessing (--image-size/--image-spec) is for image calibration data" in lines[0]
         assert not out.exists()
+
+
+def test_a_nan_in_a_calibration_sample_is_refused_by_name(tmp_path):
+    """One NaN pixel made quantize's ranges unusable ('nothing to quantize') and prune's
+    refit weights NaN (written, exit 0). Now the sample is named; -inf (masks) stays allowed."""
+    from onnxopt.pruning import prune
+    from onnxopt.quantization import quantize
+    from tests.test_pruning import _block_net
+
+    import onnx_ir as ir
+
+    model = ir.from_proto(_block_net())
+    x = model.graph.inputs[0]
+    shape = [d if isinstance(d, int) else 1 for d in x.shape]
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        arr = rng.standard_normal(shape).astype(np.float32)
+        if i == 3:
+            arr.flat[5] = np.nan
+        np.savez(folder / f"s{i}.npz", **{x.name: arr})
+    for run in (lambda: prune(model, ratio=0.5, calib=folder, progress=False),
+                lambda: quantize(model, folder, progress=False)):
+        with pytest.raises(OnnxoptError, match=r"s3\.npz: input '.*' holds 1 NaN value\(s\)"):
+            run()
+
+
+def test_prune_never_writes_a_non_finite_refit(tmp_path):
+    """+inf is a legal input value (masks), but a least-squares fit through it is not finite:
+    such a layer keeps its cut weights instead of getting NaN ones."""
+    import onnx_ir as ir
+
+    from onnxopt.pruning import prune
+    from tests.test_pruning import _block_net
+
+    model = ir.from_proto(_block_net())
+    x = model.graph.inputs[0]
+    shape = [d if isinstance(d, int) else 1 for d in x.shape]
+    rng = np.random.default_rng(0)
+    feeds = [{x.name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
+    feeds[2][x.name].flat[7] = np.inf
+    result = prune(model, ratio=0.5, calib=feeds, progress=False)
+    for value in result.model.graph.initializers.values():
+        arr = value.const_value.numpy()
+        assert arr.dtype.kind != "f" or np.all(np.isfinite(arr)), value.name
+    assert any("no finite" in why for why in result.report["refit_skipped"].values())

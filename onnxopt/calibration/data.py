@@ -545,8 +545,9 @@ class CalibrationData:
     pass if needed); ``data.length_hint()`` never triggers a pass (None if unknown).
     """
 
-    def __init__(self, model: ir.Model, source: _Source, samples: int | None):
+    def __init__(self, model: ir.Model, source: _Source, samples: int | None, *, reject_nan: bool = False):
         self._source = source
+        self._reject_nan = reject_nan
         self._samples = samples
         self._known_len: int | None = None
         self._first: Feed | None = None
@@ -585,6 +586,11 @@ class CalibrationData:
         for name, arr in arrays.items():
             if arr.ndim and arr.shape[0] == 0:
                 raise OnnxoptError(f"{label}: input {name!r} has an empty batch (shape {arr.shape})")
+            # NaN is never a value to calibrate on: one NaN pixel made ranges unusable (quantize)
+            # and refit weights NaN (prune). +-inf stays allowed: additive masks use -inf.
+            if self._reject_nan and arr.dtype.kind == "f" and np.isnan(arr).any():
+                raise OnnxoptError(f"{label}: input {name!r} holds {int(np.isnan(arr).sum())} NaN value(s); "
+                                   "fix or drop this sample")
         return arrays
 
     def length_hint(self) -> int | None:
@@ -627,13 +633,16 @@ def load_calibration_data(
     image_spec: ImageSpec | None = None,
     seed: int = 0,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    reject_nan: bool = False,
 ) -> CalibrationData:
     """Open a calibration data source (see the module docstring) for ``model``.
 
     ``samples``: use the first N feeds. ``image_spec``: preprocessing for image folders
     (an :class:`ImageSpec` or its string form). ``shapes``: dynamic dimensions for
     ``"random"`` (``{input: shape}``, as parsed by ``onnxopt.inputs.parse_shape_specs``);
-    ``seed``: its random seed. The first feed is read and validated before this returns.
+    ``seed``: its random seed. ``reject_nan``: a sample with a NaN in a float input is an
+    error naming it (quantize and prune; the statistics themselves cope with NaN). The first
+    feed is read and validated before this returns.
     """
     if samples is not None:
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
@@ -650,7 +659,7 @@ def load_calibration_data(
             f"image preprocessing (--image-size/--image-spec) is for image calibration data; "
             f"{source.description or type(spec).__name__} holds model inputs already"
         )
-    data = CalibrationData(model, source, samples)
+    data = CalibrationData(model, source, samples, reject_nan=reject_nan)
     data.first()  # fail early: a wrong file should not cost a model load and a pass
     return data
 

@@ -204,6 +204,11 @@ def _add_output_shift(model: ir.Model, node: ir.Node, shift: np.ndarray, taken: 
         shifted.name, out.name = out.name, _unique(f"{name}_unshifted", taken)
 
 
+def _why(reason: str) -> str:
+    """The gist of a refit skip reason, for the one-line progress summary."""
+    return "too few calibration rows to fit them" if "unknowns" in reason else "no finite fit"
+
+
 def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.Node], targets, out_index,
                       feeds, max_positions: int, taken: set[str], progress) -> tuple[list[str], dict[str, str]]:
     """Refit each of ``nodes`` (in graph order) by least squares on the input the pruned
@@ -268,7 +273,14 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
             a[d, d] = 1.0
             rhs = np.vstack([cpo @ w2.T, mo @ w2.T])
             a += _RIDGE * max(float(np.mean(np.diag(hp))), 1e-12) * np.eye(a.shape[0])
-            sol = np.linalg.solve(a, rhs)
+            try:
+                sol = np.linalg.solve(a, rhs)
+            except np.linalg.LinAlgError:
+                sol = None
+            if sol is None or not np.all(np.isfinite(sol)):
+                # Infinite activations (or a singular system) give no usable fit: never write it.
+                skipped[node.name] = "no finite least-squares solution (non-finite activations)"
+                continue
             cur = _const(node.inputs[1])
             w_new = sol[:d].T  # O' x D'
             if conv:
@@ -293,7 +305,8 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
                 _set_initializer(model, node, 2, (base + db).astype(cur.dtype), taken)
             done.append(node.name)
         _say(progress, f"  refit {len(nodes)}/{len(nodes)} layers: {len(done)} refit"
-             + (f", {len(skipped)} kept their cut weights (too few calibration rows to fit them)" if skipped else ""))
+             + (f", {len(skipped)} kept their cut weights ({'; '.join(sorted(set(_why(w) for w in skipped.values())))})"
+                if skipped else ""))
     finally:
         orig_sess.close()
     return done, skipped
@@ -514,7 +527,7 @@ def prune(
     if calib is not None:
         from onnxopt.calibration import load_calibration_data
 
-        data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes)
+        data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes, reject_nan=True)
         if len(data) == 0:
             raise OnnxoptError("the calibration data holds no samples")
 

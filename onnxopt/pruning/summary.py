@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rich.markup import escape
 
-from onnxopt.pruning.api import _NEAR_ZERO
+from onnxopt.pruning.api import _NEAR_ZERO, _why
 
 
 def refit_summary(rep: dict) -> str:
@@ -19,8 +19,9 @@ def refit_summary(rep: dict) -> str:
     skipped = rep.get("refit_skipped") or {}
     line = f"{done} of {total} layers refit" if done != total else f"{done} layers refit"
     if skipped:
-        line += (f" ({len(skipped)} kept their cut weights: too few calibration rows to fit them; "
-                 "more samples or larger inputs give more rows)")
+        whys = sorted({_why(w) for w in skipped.values()})
+        hint = "; more samples or larger inputs give more rows" if any("rows" in w for w in whys) else ""
+        line += f" ({len(skipped)} kept their cut weights: {'; '.join(whys)}{hint})"
     return line
 
 

@@ -220,7 +220,7 @@ def quantize(
     rep: dict = {"scheme": scheme.describe(), "method": method, "target": target}
 
     # Open (and validate the first feed of) the calibration data before any slow work.
-    data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes)
+    data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes, reject_nan=True)
 
     # CNN defaults (.cnn): decomposed hard-swish -> opset 14, so the pipeline fuses it.
     before = opset_version(src)
