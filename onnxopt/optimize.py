@@ -19,7 +19,7 @@ from onnxopt.model_io import check_output_path, load_model, save_model
 from onnxopt.passes.manager import PassManager, PassSpec, PipelineResult
 from onnxopt.passes.registry import preset_passes
 from onnxopt.plugins import load_plugin
-from onnxopt.verify import Verifier, check_model
+from onnxopt.verify import Verifier, check_model, default_tolerances
 
 ModelLike = ir.Model | str | os.PathLike
 
@@ -67,8 +67,8 @@ def optimize(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     inputs=None,
     plugins: Sequence[str] = (),
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     progress: Callable[[str], None] | None = None,
     target_opset: int | None = None,
 ) -> PipelineResult:
@@ -78,14 +78,16 @@ def optimize(
     ``target_opset``: first convert the default-domain opset up to this version (the
     ``upgrade-opset`` pass), so fusions into newer ops (LayerNormalization, Gelu) can apply.
     ``verify``: "final" (check the result, bisect and roll back a breaking pass),
-    "each" (check after every pass), or "off".
+    "each" (check after every pass), or "off". ``rtol``/``atol``: the safety net's
+    tolerances, by default 1e-4/1e-5, or 2e-3/1e-3 for a float16 output (bfloat16: 1.6e-2/8e-3).
     Returns a :class:`PipelineResult` with ``.model`` and per-pass ``.stats``.
     """
     from onnxopt import arguments as arg
 
     arg.choice("verify", verify, ("final", "each", "off"))
-    rtol, atol = arg.number("rtol", rtol), arg.number("atol", atol)
-    if not (rtol >= 0 and atol >= 0):
+    rtol = arg.number("rtol", rtol, optional=True)
+    atol = arg.number("atol", atol, optional=True)
+    if not ((rtol is None or rtol >= 0) and (atol is None or atol >= 0)):
         raise OnnxoptError(f"tolerances must be >= 0 (got rtol {rtol}, atol {atol})")
     target_opset = arg.number("target_opset", target_opset, low=1, integer=True, optional=True)
     shapes = arg.shapes("shapes", shapes)
@@ -93,6 +95,7 @@ def optimize(
     for plugin in arg.names("plugins", plugins):
         load_plugin(plugin)
     ir_model = _as_model(model)
+    rtol, atol, loosened_for = default_tolerances(ir_model, rtol, atol)
     specs = list(passes) if passes is not None else preset_passes(preset)
     if not specs:
         raise OnnxoptError("no passes to run")
@@ -116,6 +119,10 @@ def optimize(
     result = manager.run(ir_model)
     drop_new_annotations(result.model, annotated)
     check_model(result.model)
+    result.rtol, result.atol = rtol, atol
+    if loosened_for and verify != "off":
+        result.warnings.append(f"verified within rtol {rtol:g}, atol {atol:g}: the {loosened_for} rounds at "
+                               "half precision (--rtol/--atol to set them)")
     return result
 
 

@@ -294,3 +294,28 @@ def test_saved_model_carries_no_new_intermediate_shapes(tmp_path):
     produced = {o for n in out.graph.node for o in n.output}
     annotated = {v.name for v in out.graph.value_info if v.type.tensor_type.HasField("shape")}
     assert not (annotated & produced) - before
+
+
+def test_half_precision_outputs_get_half_precision_tolerances(tmp_path):
+    """A float16 model's passes move outputs by a few fp16 ulps (~1e-3 relative); the float32
+    defaults rolled every such pass back. Given tolerances are kept as given."""
+    import onnxopt
+    from onnxopt.verify import default_tolerances
+
+    c = numpy_helper.from_array(np.array(0.5, np.float16), "c")
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["n1"]), helper.make_node("Neg", ["n1"], ["n2"]),
+         helper.make_node("Mul", ["n2", "c"], ["y"])], "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 4])], [c],
+    )
+    path = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = onnxopt.load_model(path)
+    assert default_tolerances(model, None, None) == (2e-3, 1e-3, "float16 output 'y'")
+    assert default_tolerances(model, 1e-4, 1e-5) == (1e-4, 1e-5, None)
+    result = onnxopt.optimize(path)
+    assert (result.rtol, result.atol) == (2e-3, 1e-3)
+    assert any("float16 output 'y' rounds at half precision" in w for w in result.warnings)
+    fp32 = onnxopt.optimize(path, rtol=1e-4, atol=1e-5)
+    assert (fp32.rtol, fp32.atol) == (1e-4, 1e-5) and not fp32.warnings

@@ -725,3 +725,15 @@ def test_progress_in_a_log_is_lines_without_blanks(small_cnn, tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert any("calibrating" in line for line in lines) and lines[-1].endswith("done")
     assert all(line.strip() for line in lines), lines
+
+
+def test_a_float16_model_is_refused_up_front(tmp_path):
+    """fp16 models reached ORT as an invalid QDQ model (or an internal error in SmoothQuant)."""
+    w = numpy_helper.from_array(np.eye(8, dtype=np.float16), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "half",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8])], [w])
+    path = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(OnnxoptError, match=r"computes in float16 \(input 'x'\).*quantize the model's float32 export"):
+        quantize(path, "random", progress=False)

@@ -71,6 +71,8 @@ class PipelineResult:
     seconds: float
     verified: bool
     warnings: list[str] = dataclasses.field(default_factory=list)
+    rtol: float | None = None  # the safety net's tolerances (set by onnxopt.optimize)
+    atol: float | None = None
 
     def as_dict(self) -> dict:
         return {

@@ -297,4 +297,26 @@ def load_float_model(model_or_path, exclude, verb: str) -> ir.Model:
     if already:
         raise OnnxoptError(f"the model is already quantized (it contains {already}); {verb} the float model")
     check_exclusions(src, exclude)
+    if verb == "quantize":
+        half = _half_precision(src)
+        if half:
+            # Calibration, SmoothQuant and the QDQ scales all assume float32 activations; ORT
+            # then refused the written model. Say so before any work.
+            raise OnnxoptError(f"the model computes in {half}; int8 quantization here starts from float32: "
+                               "quantize the model's float32 export")
     return src
+
+
+_HALF = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+
+
+def _half_precision(model: ir.Model) -> str | None:
+    """'float16 (input x)' when the model's inputs or layer weights are half precision."""
+    for value in model.graph.inputs:
+        if value.dtype in _HALF:
+            return f"{_HALF[value.dtype]} (input {value.name!r})"
+    for node in model.graph:
+        if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1] is not None:
+            if node.inputs[1].dtype in _HALF:
+                return f"{_HALF[node.inputs[1].dtype]} (weights of {node.name or node.op_type})"
+    return None
