@@ -310,3 +310,25 @@ def test_refit_shift_of_a_matmul_that_is_the_graph_output():
     assert [n.op_type for n in res.model.graph][-2:] == ["MatMul", "Add"]
     ref, new = _run(src, feeds[0]), _run(res.model, feeds[0])
     assert np.abs(ref - new).max() <= 2e-3 * np.abs(ref).max()
+
+
+def test_shared_weights_are_not_cut_into_copies():
+    """Two layers reading one weight (tied or cloned layers): cutting gave each its own pruned
+    copy, and the model grew (a TorchScript TransformerEncoder export: 116% of its parameters)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) / 4, "W"),
+             numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "W3"),
+             numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"]), helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("MatMul", ["ra", "W"], ["b"]), helper.make_node("Relu", ["b"], ["rb"]),
+             helper.make_node("MatMul", ["rb", "W"], ["c"]), helper.make_node("Relu", ["c"], ["rc"]),
+             helper.make_node("MatMul", ["rc", "W3"], ["d"]), helper.make_node("Relu", ["d"], ["rd"]),
+             helper.make_node("MatMul", ["rd", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    res = prune(model, ratio=0.5, progress=False)
+    assert res.report["params_after"] < res.report["params_before"]  # W3's output channels still go
+    shared = [v for v in res.model.graph.initializers.values() if len({id(n) for n, _ in v.uses()}) == 2]
+    assert [v.const_value.shape for v in shared] == [ir.Shape([16, 16])]  # W: uncut, still one tensor

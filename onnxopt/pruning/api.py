@@ -349,13 +349,20 @@ def _prune_at(base: ir.Model, ratio: float, multiple: int, excluded: set[str], d
         for p in s.producers:
             if p.name in excluded or p.op_type in excluded:
                 s.pin(f"--exclude {p.name if p.name in excluded else p.op_type}")
+        for u in s.uses:
+            # A weight several layers share (tied layers, a TorchScript export of cloned
+            # layers) would be cut into a copy per layer: the model grew (116% kept, measured).
+            w = u.node.inputs[u.index] if u.index < len(u.node.inputs) else None
+            if u.index == 1 and w is not None and len({id(n) for n, _ in w.uses()}) > 1:
+                s.pin(f"weight {w.name} is shared by several layers")
+                break
     chosen = [s for s in spaces if _prunable(s) is None and _keep_count(s.channels, ratio, multiple) < s.channels]
     if not chosen:
         reasons = sorted({_prunable(s) or "rounding keeps every channel" for s in spaces})[:3]
         if not reasons:
             convs = sum(1 for n in model.graph if n.op_type in ("Conv", "ConvTranspose"))
             reasons = [f"none of its {convs} convs has a constant weight (a weight that is a graph input "
-                       "can be fed at run time)" if convs else "no convolutions"]
+                       "can be fed at run time)" if convs else "no conv, Gemm or MatMul layer with a constant weight"]
         raise OnnxoptError(f"nothing to prune: no channel space can lose channels ({'; '.join(reasons)})")
 
     readers = list({id(u.node): u.node for s in chosen for u in s.uses if u.kind == "consume"}.values())
