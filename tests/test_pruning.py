@@ -332,3 +332,40 @@ def test_shared_weights_are_not_cut_into_copies():
     assert res.report["params_after"] < res.report["params_before"]  # W3's output channels still go
     shared = [v for v in res.model.graph.initializers.values() if len({id(n) for n, _ in v.uses()}) == 2]
     assert [v.const_value.shape for v in shared] == [ir.Shape([16, 16])]  # W: uncut, still one tensor
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_a_spatial_reduce_mean_prunes_like_global_average_pool(opset):
+    """dynamo exports global pooling and squeeze-excite as ReduceMean over H, W: it keeps the
+    channels apart, so it must not pin them (it did: 6 groups pruned against 9 with GAP)."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32))
+
+    def net(pool: str) -> onnx.ModelProto:
+        inits = [w(16, 3, 3, 3), w(8, 16, 1, 1), w(16, 8, 1, 1), w(4, 16, 1, 1)]
+        for t, name in zip(inits, ("A", "S1", "S2", "D")):
+            t.name = name
+        if pool == "ReduceMean" and opset >= 18:
+            inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
+            gap = helper.make_node("ReduceMean", ["ra", "axes"], ["g"], keepdims=1)
+        elif pool == "ReduceMean":
+            gap = helper.make_node("ReduceMean", ["ra"], ["g"], axes=[-2, -1], keepdims=1)
+        else:
+            gap = helper.make_node("GlobalAveragePool", ["ra"], ["g"])
+        nodes = [helper.make_node("Conv", ["x", "A"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["ra"]), gap,
+                 helper.make_node("Conv", ["g", "S1"], ["s1"]), helper.make_node("Relu", ["s1"], ["rs1"]),
+                 helper.make_node("Conv", ["rs1", "S2"], ["s2"]), helper.make_node("Sigmoid", ["s2"], ["gate"]),
+                 helper.make_node("Mul", ["ra", "gate"], ["se"]), helper.make_node("Conv", ["se", "D"], ["y"])]
+        graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+    feeds = {"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    reports = {}
+    for pool in ("GlobalAveragePool", "ReduceMean"):
+        res = prune(ir.from_proto(net(pool)), ratio=0.5, progress=False)
+        assert _run(res.model, feeds).shape == (1, 4, 16, 16)
+        reports[pool] = (res.report["spaces_pruned"], res.report["channels_after"])
+    assert reports["ReduceMean"] == reports["GlobalAveragePool"] and reports["ReduceMean"][0] >= 1

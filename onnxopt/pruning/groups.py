@@ -58,6 +58,9 @@ _PASS_THROUGH = frozenset({
 _GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 _SPATIAL = frozenset({"MaxPool", "AveragePool", "LpPool"}) | _GLOBAL_POOLS
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu"})
+# Per-channel when they reduce spatial axes only (see _Analysis.reduce_layout).
+_REDUCE = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+                     "ReduceSumSquare", "ReduceProd", "ReduceLogSum"})
 _NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 
 
@@ -253,6 +256,10 @@ class _Walker:
             return self.concat(node)
         if op == "Flatten" and lay.nchw and lay.spatial_one and attr(node, "axis", 1) == 1 and lay.rank is not None:
             return self.set(node.outputs[0], _Layout(lay.segments, 2, True, last=True))
+        if op in _REDUCE and lay.nchw:
+            out = self.reduce_layout(node, lay)
+            if out is not None:
+                return self.set(node.outputs[0], out)
         if op in ("Resize", "Upsample") and lay.nchw and self.resize_keeps_channels(node):
             return self.set(node.outputs[0], lay)
         if op == "Pad" and lay.nchw and self.pad_keeps_channels(node, lay):
@@ -265,6 +272,25 @@ class _Walker:
             return False
         self.use("param", node, index, 0, lay)
         return True
+
+    def reduce_layout(self, node: ir.Node, lay: _Layout) -> _Layout | None:
+        """A reduction over spatial axes only keeps every channel apart (``x.mean((2, 3))``,
+        as dynamo exports global pooling and squeeze-excite): the output's layout, else None."""
+        axes = attr(node, "axes", None)
+        if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = _const(node.inputs[1])
+            if axes is None:
+                return None  # axes computed at run time
+        if axes is None or lay.rank is None:
+            return None  # no axes: every axis, channels included
+        axes = sorted({int(a) % lay.rank for a in np.asarray(axes).reshape(-1)})
+        if not axes or axes[0] < 2:
+            return None
+        full = axes == list(range(2, lay.rank))
+        if attr(node, "keepdims", 1):
+            return dataclasses.replace(lay, spatial_one=lay.spatial_one or full)
+        rank = lay.rank - len(axes)
+        return _Layout(lay.segments, rank, spatial_one=lay.spatial_one or full, last=rank == 2)
 
     def resize_keeps_channels(self, node: ir.Node) -> bool:
         if node.op_type == "Upsample" or self.opset < 11:
