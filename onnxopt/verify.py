@@ -323,7 +323,10 @@ class Verifier:
         try:
             reference = [sess.run(f) for f in feeds]
         except Exception as e:
-            raise VerificationError(f"the original model does not run in ONNX Runtime: {_first_line(e)}") from None
+            raise VerificationError(
+                f"the original model does not run in ONNX Runtime on the sample inputs: {_first_line(e)} "
+                "(generated sizes may not fit it, e.g. a KV cache's lengths: give them with --shape NAME:DIMS)"
+            ) from None
         finally:
             sess.close()
         if reference and all(_is_empty(v) for ref in reference for v in ref.values()):

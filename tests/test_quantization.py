@@ -737,3 +737,21 @@ def test_a_float16_model_is_refused_up_front(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(OnnxoptError, match=r"computes in float16 \(input 'x'\).*quantize the model's float32 export"):
         quantize(path, "random", progress=False)
+
+
+def test_layers_inside_an_if_are_named_when_nothing_else_can_be_quantized(tmp_path):
+    """'no Conv, MatMul or Gemm' read as false on a model whose MatMuls sit in If branches."""
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "W"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 4])])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))], "if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    with pytest.raises(OnnxoptError, match=r"in its main graph \(2 sit inside If/Loop/Scan subgraphs, which are not quantized\)"):
+        quantize(path, "random", progress=False)

@@ -279,8 +279,11 @@ def quantize(
     rep["kept_float_tensors"] = masks
     if not layers:
         near = [f"{k}: {v}" for k, v in skipped.items() if v != "no constant weight"][:3]
+        inside = sum(1 for g in model.graph.subgraphs() for n in g if n.op_type in ("Conv", "MatMul", "Gemm"))
         raise OnnxoptError("nothing to quantize: the model has no Conv, MatMul or Gemm with a constant weight"
                            + (" left after --exclude" if exclude else "")
+                           + (f" in its main graph ({inside} sit inside If/Loop/Scan subgraphs, which are not "
+                              "quantized)" if inside else "")
                            + (f" (skipped {'; '.join(near)})" if near else ""))
 
     t_cal = time.perf_counter()
