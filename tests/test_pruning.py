@@ -369,3 +369,25 @@ def test_a_spatial_reduce_mean_prunes_like_global_average_pool(opset):
         assert _run(res.model, feeds).shape == (1, 4, 16, 16)
         reports[pool] = (res.report["spaces_pruned"], res.report["channels_after"])
     assert reports["ReduceMean"] == reports["GlobalAveragePool"] and reports["ReduceMean"][0] >= 1
+
+
+def test_a_reshape_to_minus_one_c_after_the_pool_is_rewritten_with_the_new_c():
+    """dynamo flattens a pooled [N, C, 1, 1] with Reshape(x, [-1, C]): C lives in a shape
+    constant, so it pinned the channels; now the cut writes [-1, C'] there."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32) / 5, "A"),
+             numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32) / 4, "W"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1, 16], np.int64), "flat")]
+    nodes = [helper.make_node("Conv", ["x", "A"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("ReduceMean", ["ra", "axes"], ["g"], keepdims=1),
+             helper.make_node("Reshape", ["g", "flat"], ["v"], allowzero=1),
+             helper.make_node("Gemm", ["v", "W"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits)
+    res = prune(ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])), ratio=0.5, progress=False)
+    assert res.report["channels_after"] == 8
+    reshape = next(n for n in res.model.graph if n.op_type == "Reshape")
+    assert reshape.inputs[1].const_value.numpy().tolist() == [-1, 8]
+    for batch in (1, 3):
+        assert _run(res.model, {"x": rng.standard_normal((batch, 3, 16, 16)).astype(np.float32)}).shape == (batch, 10)

@@ -353,7 +353,7 @@ def _prune_at(base: ir.Model, ratio: float, multiple: int, excluded: set[str], d
             # A weight several layers share (tied layers, a TorchScript export of cloned
             # layers) would be cut into a copy per layer: the model grew (116% kept, measured).
             w = u.node.inputs[u.index] if u.index < len(u.node.inputs) else None
-            if u.index == 1 and w is not None and len({id(n) for n, _ in w.uses()}) > 1:
+            if u.kind != "shape" and u.index == 1 and w is not None and len({id(n) for n, _ in w.uses()}) > 1:
                 s.pin(f"weight {w.name} is shared by several layers")
                 break
     chosen = [s for s in spaces if _prunable(s) is None and _keep_count(s.channels, ratio, multiple) < s.channels]
@@ -415,6 +415,9 @@ def _prune_at(base: ir.Model, ratio: float, multiple: int, excluded: set[str], d
         key = (id(use.node), use.index)
         arr = arrays[key][2] if key in arrays else np.asarray(_const(use.node.inputs[use.index]))
         idx = _index_list(use, kept)
+        if use.kind == "shape":  # a Reshape's [-1, C]: the new channel count, not a slice
+            arrays[key] = (use.node, use.index, np.array([arr[0], len(idx)], dtype=arr.dtype))
+            continue
         arrays[key] = (use.node, use.index, np.take(arr, idx, axis=use.axis))
         if use.kind == "produce" and use.index == 1:
             out_index[use.node.name] = idx

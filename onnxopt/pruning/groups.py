@@ -79,7 +79,7 @@ class Use:
     ``node`` is cut along ``axis`` (``kind`` says how the node uses it), laid out as ``layout``
     (the segments of the tensor the node reads or writes)."""
 
-    kind: str  # "produce", "depthwise", "param", "consume"
+    kind: str  # "produce", "depthwise", "param", "consume", "shape" (a Reshape's [-1, C])
     node: ir.Node
     index: int
     axis: int
@@ -256,6 +256,11 @@ class _Walker:
             return self.concat(node)
         if op == "Flatten" and lay.nchw and lay.spatial_one and attr(node, "axis", 1) == 1 and lay.rank is not None:
             return self.set(node.outputs[0], _Layout(lay.segments, 2, True, last=True))
+        if op == "Reshape" and lay.nchw and lay.spatial_one and self.flattens(node, lay):
+            # [N, C, 1, 1] -> [-1, C] (dynamo's flatten after a pool): C is written in the
+            # shape constant, which the cut then rewrites (a "shape" use).
+            self.use("shape", node, 1, 0, lay)
+            return self.set(node.outputs[0], _Layout(lay.segments, 2, True, last=True))
         if op in _REDUCE and lay.nchw:
             out = self.reduce_layout(node, lay)
             if out is not None:
@@ -272,6 +277,14 @@ class _Walker:
             return False
         self.use("param", node, index, 0, lay)
         return True
+
+    def flattens(self, node: ir.Node, lay: _Layout) -> bool:
+        """Whether a Reshape's constant shape is [-1, C] (or [0, C] without allowzero) for this C."""
+        shape = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        if shape is None or shape.shape != (2,) or int(shape[1]) != lay.channels:
+            return False
+        first = int(shape[0])
+        return first == -1 or (first == 0 and not attr(node, "allowzero", 0))
 
     def reduce_layout(self, node: ir.Node, lay: _Layout) -> _Layout | None:
         """A reduction over spatial axes only keeps every channel apart (``x.mean((2, 3))``,
