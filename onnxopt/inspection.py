@@ -144,5 +144,11 @@ def print_inspect(console, info: dict) -> None:
         ops.add_row(escape(op), str(n))
     console.print(ops)
     console.print(parameters_line(info))
-    for loc, nbytes in info["external_data"].items():
-        console.print(f"external data: {escape(loc)} ({nbytes / 1e6:.2f} MB)")
+    files = info["external_data"]
+    if len(files) > 4:  # torch writes one file per tensor: a count, not a page of lines
+        biggest = max(files, key=files.get)
+        console.print(f"external data: {len(files)} files, {sum(files.values()) / 1e6:.2f} MB "
+                      f"(largest {escape(biggest)}, {files[biggest] / 1e6:.2f} MB; --json lists them)")
+    else:
+        for loc, nbytes in files.items():
+            console.print(f"external data: {escape(loc)} ({nbytes / 1e6:.2f} MB)")

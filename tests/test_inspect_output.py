@@ -69,3 +69,19 @@ def test_compare_title_follows_the_argument_order_and_names_the_reference(capsys
     code, stdout, _ = run_cli(capsys, "compare", tiny_model_path, other, "--shape", "x:2x4")
     assert code == 1  # B's outputs differ: the errors are measured against A
     assert "tiny.onnx (reference) vs other.onnx" in stdout, stdout
+
+
+def test_many_external_data_files_are_summed_up_not_listed(tmp_path, capsys):
+    """torch's exporter writes one file per tensor: 32 'external data' lines said little."""
+    from onnxopt.cli import main
+
+    inits = [numpy_helper.from_array(np.full((64, 64), i, np.float32), f"w{i}") for i in range(6)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}" if i < 5 else "y"])
+             for i in range(6)]
+    graph = helper.make_graph(nodes, "ext", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("external data")]
+    assert len(lines) == 1 and "6 files, 0.10 MB" in lines[0], lines
