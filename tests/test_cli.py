@@ -42,6 +42,7 @@ def test_optimize_writes_verified_model(capsys, tiny_model_path, tmp_path):
     assert out.is_file()
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["nodes_before"] == 5 and stats["nodes_after"] < 5
+    assert (stats["rtol"], stats["atol"]) == (1e-4, 1e-5)  # what it was verified within
     assert "identity-elimination" in stdout
     code, stdout, err = run_cli(capsys, "compare", tiny_model_path, out, "--shape", "x:3x4")
     assert code == 0, err

@@ -80,6 +80,8 @@ class PipelineResult:
             "nodes_after": self.nodes_after,
             "seconds": self.seconds,
             "verified": self.verified,
+            "rtol": self.rtol,
+            "atol": self.atol,
             "rolled_back": self.rolled_back,
             "warnings": self.warnings,
             "passes": [s.as_dict() for s in self.stats],
