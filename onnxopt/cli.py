@@ -303,7 +303,8 @@ def demo(output_dir, synthetic, runs, threads) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             result, paths, report = run(tmp)
     where = f"; files in {output_dir}" if output_dir else ""
-    match = "outputs match the original within rtol 1e-4, atol 1e-5" if result.verified else "outputs NOT verified"
+    match = (f"outputs match the original within rtol {result.rtol:g}, atol {result.atol:g}" if result.verified
+             else "outputs NOT verified")
     if report is None:
         out.print(_stats_table(result, "onnxopt demo: a Conv/BatchNorm network as a PyTorch export writes it"))
         out.print(f"nodes {result.nodes_before} -> {result.nodes_after}; {match}{where}")

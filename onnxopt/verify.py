@@ -283,7 +283,7 @@ def _diff_arrays(name: str, ref: np.ndarray, new: np.ndarray, *, rtol: float, at
 
 
 def compare_outputs(
-    ref: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray], *, rtol: float = 1e-4, atol: float = 1e-5
+    ref: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray], *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL
 ) -> list[OutputDiff]:
     """Element-wise comparison of two output sets (same names, in the reference's order)."""
     diffs = []
@@ -305,12 +305,13 @@ class Verifier:
 
     feeds: list[dict[str, np.ndarray]]
     reference: list[dict[str, np.ndarray]]
-    rtol: float = 1e-4
-    atol: float = 1e-5
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
 
     @classmethod
     def from_model(
-        cls, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, rtol: float = 1e-4, atol: float = 1e-5
+        cls, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, rtol: float = DEFAULT_RTOL,
+        atol: float = DEFAULT_ATOL
     ) -> Verifier:
         # optimize, quantize and prune all come here; only optimize can skip the check.
         try:
