@@ -12,7 +12,7 @@ from rich.table import Table
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import all_nodes, count_nodes, op_histogram, parameter_stats
 from onnxopt.inputs import model_inputs
-from onnxopt.model_io import load_model
+from onnxopt.model_io import checker_problem, load_proto, model_from_proto
 
 
 def _type_str(value: ir.Value) -> str:
@@ -58,17 +58,17 @@ def inspect_model(model: ir.Model | str | os.PathLike) -> dict:
     if isinstance(model, ir.Model):
         return _inspect(model, None, None)
     path = pathlib.Path(model)
+    # A model that parses but fails the checker is exactly one a user wants to look
+    # inside: show it, and say what the checker said.
+    proto = load_proto(path, check=False)
+    problem = checker_problem(proto, path)
     try:
-        return _inspect(load_model(path), path, None)
-    except OnnxoptError as e:
-        # A model that parses but fails the checker is exactly one a user wants to look
-        # inside: show it, and say what the checker said.
-        if "fails the ONNX checker" not in str(e):
+        return _inspect(model_from_proto(proto, path), path, problem)
+    except Exception:
+        if problem is None:
             raise
-        try:
-            return _inspect(load_model(path, check=False), path, str(e).split("fails the ONNX checker: ", 1)[-1])
-        except Exception:  # noqa: BLE001 - too broken to describe (bad dtypes, ...): the checker's word stands
-            raise e from None
+        # Too broken to describe (bad dtypes, ...): the checker's word stands.
+        raise OnnxoptError(f"{path}: fails the ONNX checker: {problem}") from None
 
 
 def _inspect(model: ir.Model, path: pathlib.Path | None, checker: str | None) -> dict:

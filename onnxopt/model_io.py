@@ -152,23 +152,37 @@ def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if not proto.graph.output:
         # Nothing is computed: every node is dead, and ORT cannot load what is left.
         raise OnnxoptError(f"{p}: the model declares no graph outputs")
-    external_files = check_external_data(proto, p.parent)
+    check_external_data(proto, p.parent)
     if check:
-        try:
-            # With external data the checker must resolve files next to the model, so it
-            # gets the path (it reads the graph, not the tensors; works past 2 GB).
-            onnx.checker.check_model(str(p) if external_files else proto, full_check=False)
-        except onnx.checker.ValidationError as e:
-            raise OnnxoptError(f"{p}: fails the ONNX checker: {_first_line(e)}") from None
-        except Exception as e:
-            raise OnnxoptError(f"{p}: fails the ONNX checker: {_first_line(e) or type(e).__name__}") from None
+        problem = checker_problem(proto, p)
+        if problem is not None:
+            raise OnnxoptError(f"{p}: fails the ONNX checker: {problem}")
     return proto
+
+
+def checker_problem(proto: onnx.ModelProto, path: str | os.PathLike) -> str | None:
+    """The ONNX checker's one-line complaint about a model read from ``path``, or None."""
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _iter_tensor_protos(proto))
+    try:
+        # With external data the checker must resolve files next to the model, so it
+        # gets the path (it reads the graph, not the tensors; works past 2 GB).
+        onnx.checker.check_model(os.fspath(path) if external else proto, full_check=False)
+    except onnx.checker.ValidationError as e:
+        return _first_line(e)
+    except Exception as e:
+        return _first_line(e) or type(e).__name__
+    return None
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     """Load a model as an onnx-ir Model; external tensors stay memory-mapped from their files."""
     p = pathlib.Path(path)
-    proto = load_proto(p, check=check)
+    return model_from_proto(load_proto(p, check=check), p)
+
+
+def model_from_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> ir.Model:
+    """The onnx-ir Model of a proto :func:`load_proto` read from ``path``."""
+    p = pathlib.Path(path)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
