@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pathlib
 import tempfile
@@ -218,20 +219,33 @@ def _external_bytes(model: ir.Model) -> int:
 def model_files(path: str | os.PathLike) -> set[pathlib.Path]:
     """The model file and every external data file it references, resolved.
 
-    Reads the graph only (no tensor data); an unreadable file is just itself.
+    Reads the graph only (no tensor data); an unreadable file is just itself. One command
+    asks this for the same input several times (output, report, the save itself), and a
+    model with embedded weights is parsed whole to answer: the answer is kept per file
+    version (size and modification time).
     """
+    p = pathlib.Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return {p.resolve()}
+    return set(_model_files(os.path.abspath(p), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_files(path: str, _mtime_ns: int, _size: int) -> frozenset[pathlib.Path]:
     p = pathlib.Path(path)
     files = {p.resolve()}
     try:
-        proto = onnx.load(str(p), load_external_data=False)
+        proto = onnx.load(path, load_external_data=False)
     except Exception:  # noqa: BLE001 - not a model (yet): nothing else to protect
-        return files
+        return frozenset(files)
     for tensor in _iter_tensor_protos(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = {e.key: e.value for e in tensor.external_data}.get("location")
             if location:
                 files.add((p.parent / location).resolve())
-    return files
+    return frozenset(files)
 
 
 def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
