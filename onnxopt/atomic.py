@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import tempfile
@@ -30,3 +31,19 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _json_default(obj):
+    """numpy scalars and arrays as JSON numbers and lists; anything else as its text."""
+    import numpy as np
+
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """``data`` as indented JSON (the reports of optimize, quantize and prune)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")

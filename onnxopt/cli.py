@@ -210,7 +210,9 @@ def optimize(model, output, preset, pass_list, verify_each, no_verify, shapes, i
     for w in result.warnings:
         console.print(f"[yellow]warning[/yellow] {escape(w)}")
     if json_path:
-        _write_json(json_path, result.as_dict())
+        from onnxopt.atomic import write_json_atomic
+
+        write_json_atomic(json_path, result.as_dict())
     console.print(f"wrote {escape(output)}")
 
 
@@ -511,12 +513,6 @@ def _image_spec(image_size: str | None, image_spec: str | None) -> str | None:
     if image_size and image_spec:
         raise OnnxoptError("give either --image-size or --image-spec, not both")
     return image_spec or (f"{image_size},mean=0.5,std=0.5" if image_size else None)
-
-
-def _write_json(path: str, data) -> None:
-    from onnxopt.atomic import write_text_atomic
-
-    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def _verbose(ctx, _param, value: bool) -> None:

@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.atomic import write_json_atomic
 from onnxopt.errors import OnnxoptError
 from onnxopt.pruning.groups import ChannelSpace, Use, _const, find_channel_spaces
 from onnxopt.quantization.qdq import _initializer, _unique
@@ -624,16 +625,8 @@ def prune(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if report is not None:
-        _write_report(report, rep)
+        write_json_atomic(report, rep)
     return PruneResult(model, rep)
-
-
-def _write_report(path, rep: dict) -> None:
-    import json
-
-    from onnxopt.atomic import write_text_atomic
-
-    write_text_atomic(path, json.dumps(rep, indent=2, default=str))
 
 
 def prune_file(input_path, output_path, **kwargs) -> PruneResult:
@@ -647,5 +640,5 @@ def prune_file(input_path, output_path, **kwargs) -> PruneResult:
     result = prune(input_path, **kwargs)
     save_model(result.model, pathlib.Path(output_path))
     if report is not None:  # after the model: a failed save must not leave a report behind
-        _write_report(report, result.report)
+        write_json_atomic(report, result.report)
     return result

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.atomic import write_json_atomic
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import op_histogram, opset_version
 from onnxopt.model_io import check_output_path, check_side_output, save_model
@@ -482,17 +483,8 @@ def quantize(
     rep["seconds"] = round(time.perf_counter() - t_start, 3)
     _say(progress, "done")
     if report is not None:
-        write_report(report, rep)
+        write_json_atomic(report, rep)
     return QuantizeResult(qmodel, rep)
-
-
-def write_report(path, rep: dict) -> None:
-    """The report as JSON, written atomically."""
-    import json
-
-    from onnxopt.atomic import write_text_atomic
-
-    write_text_atomic(os.fspath(path), json.dumps(rep, indent=2, default=_json_default) + "\n")
 
 
 RANGE_SEARCH_FEEDS = 8
@@ -558,14 +550,6 @@ def _search_ranges(model, layers, ranges, scheme, calib_data, rep, progress) -> 
                            "tensors": {n: c.as_report() for n, c in choices.items()}}
 
 
-def _json_default(obj):
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
 def quantize_file(input_path, output_path, **kwargs) -> QuantizeResult:
     """Load, quantize and atomically save; options as in :func:`quantize`."""
     check_output_path(output_path, input_path)
@@ -575,5 +559,5 @@ def quantize_file(input_path, output_path, **kwargs) -> QuantizeResult:
     result = quantize(input_path, **kwargs)
     save_model(result.model, pathlib.Path(output_path))
     if report is not None:  # after the model: a failed save must not leave a report behind
-        write_report(report, result.report)
+        write_json_atomic(report, result.report)
     return result
