@@ -256,11 +256,13 @@ def compare(model_a, model_b, shapes, inputs, rtol, atol) -> None:
     Prints max absolute/relative error and cosine similarity per output; exits with
     status 1 if any output is outside the tolerance (|b - a| <= atol + rtol * |a|).
     """
-    from onnxopt.compare import compare_models, compare_table
+    from onnxopt.compare import compare_models, compare_table, nonfinite_warnings
     from onnxopt.inputs import parse_shape_specs
 
     diffs = compare_models(model_a, model_b, shapes=parse_shape_specs(shapes), inputs=inputs, rtol=rtol, atol=atol)
     out.print(compare_table(diffs, os.path.basename(model_a), os.path.basename(model_b)))
+    for w in nonfinite_warnings(diffs):
+        console.print(f"[yellow]warning[/yellow] {escape(w)}")
     if not all(d.within for d in diffs):
         console.print(f"outputs differ beyond rtol {rtol:g}, atol {atol:g}")
         sys.exit(1)

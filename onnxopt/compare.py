@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import onnx_ir as ir
@@ -56,13 +57,34 @@ def compare_models(
             sess.close()
             del sess
             release_mappings(m)
+    nonfinite = dict.fromkeys(outs_a, 0)
+    sizes = dict.fromkeys(outs_a, 0)
     for ra, rb in zip(*outputs):
         for name in outs_a:
             d = diff_arrays(name, ra[name], rb[name], rtol=rtol, atol=atol)
+            nonfinite[name] += d.nonfinite
+            sizes[name] += d.size
             prev = results.get(name)
             if prev is None or d.max_abs > prev.max_abs or not d.within:
                 results[name] = d
-    return list(results.values())
+    # The non-finite counts cover both feeds, whichever feed's errors are reported.
+    return [dataclasses.replace(d, nonfinite=nonfinite[d.name], size=sizes[d.name]) for d in results.values()]
+
+
+def nonfinite_warnings(diffs: list[OutputDiff]) -> list[str]:
+    """One line per output whose values were NaN/inf in both models, so compared as equal.
+
+    Generated inputs outside a model's range (a log of a negative, an exp overflow) can make
+    an output non-finite in both models; "within tolerance" then proves little about it.
+    """
+    lines = []
+    for d in diffs:
+        if d.nonfinite:
+            lines.append(
+                f"output {d.name!r}: {d.nonfinite} of {d.size} values are NaN or inf in both models "
+                "and count as equal; compare on real inputs (--inputs) to check them"
+            )
+    return lines
 
 
 def compare_title(name_a: str, name_b: str) -> str:

@@ -120,6 +120,12 @@ def optimize(
     drop_new_annotations(result.model, annotated)
     check_model(result.model)
     result.rtol, result.atol = rtol, atol
+    if verifier is not None:
+        for name, bad, size in verifier.nonfinite_outputs():
+            result.warnings.append(
+                f"output {name!r}: {bad} of {size} values are NaN or inf on the sample inputs, so they are "
+                "not checked; verify on real inputs (--inputs)"
+            )
     if loosened_for and verify != "off":
         result.warnings.append(f"verified within rtol {rtol:g}, atol {atol:g}: the {loosened_for} rounds at "
                                "half precision (--rtol/--atol to set them)")

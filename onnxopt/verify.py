@@ -241,6 +241,10 @@ class OutputDiff:
     max_rel: float
     cosine: float
     within: bool
+    # Elements NaN in both outputs or the same infinity in both: they count as equal, so an
+    # output that is mostly non-finite on the inputs used says little (callers warn).
+    nonfinite: int = 0
+    size: int = 0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -279,7 +283,8 @@ def _diff_arrays(name: str, ref: np.ndarray, new: np.ndarray, *, rtol: float, at
     fb = np.where(np.isfinite(b), b, 0.0).ravel()
     na, nb = np.linalg.norm(fa), np.linalg.norm(fb)
     cosine = float(fa @ fb / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
-    return OutputDiff(name, ref.shape, new.shape, float(diff.max()), float(rel.max()), cosine, within)
+    return OutputDiff(name, ref.shape, new.shape, float(diff.max()), float(rel.max()), cosine, within,
+                      nonfinite=int(ok_special.sum()), size=int(a.size))
 
 
 def compare_outputs(
@@ -337,6 +342,22 @@ class Verifier:
                 f"give non-zero sizes with --shape ({_SKIP_HINT})"
             )
         return cls([dict(f) for f in feeds], reference, rtol, atol)
+
+    def nonfinite_outputs(self) -> list[tuple[str, int, int]]:
+        """(output, NaN/inf values, values) over the sample feeds, for outputs with any.
+
+        A candidate that reproduces a NaN passes the check there, so an output that is
+        non-finite on the sample inputs is verified only where it is finite.
+        """
+        counts: dict[str, list[int]] = {}
+        for ref in self.reference:
+            for name, v in ref.items():
+                v = np.asarray(v)
+                if v.dtype.kind in "fc":
+                    c = counts.setdefault(name, [0, 0])
+                    c[0] += int(np.count_nonzero(~np.isfinite(v)))
+                    c[1] += int(v.size)
+        return [(name, bad, size) for name, (bad, size) in counts.items() if bad]
 
     def verify(self, model: ir.Model) -> None:
         """Raise VerificationError with a one-line reason if the model is not equivalent."""

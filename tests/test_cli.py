@@ -298,3 +298,28 @@ def test_verbose_flag_works_after_the_command_too(tiny_model_path, tmp_path):
     assert quiet.returncode == after.returncode == before.returncode == 0, after.stderr
     assert "onnxopt:" not in quiet.stderr
     assert after.stderr.count("onnxopt:") == before.stderr.count("onnxopt:") > 0
+
+
+def test_compare_warns_when_outputs_are_nan_in_both_models(capsys, tmp_path):
+    # Log of generated (partly negative) inputs is NaN in both models: equal, but unchecked.
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["y"]), helper.make_node("Relu", ["x"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 64])],
+    )
+    path = tmp_path / "log.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, stdout, err = run_cli(capsys, "compare", path, path)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning ")]
+    assert len(warnings) == 1, err  # y only: z is finite
+    assert "'y'" in warnings[0] and "NaN or inf in both models" in warnings[0]
+    count = int(warnings[0].split("'y': ")[1].split(" of ")[0])
+    assert 0 < count < 256  # two feeds of 128 values, about half negative
+    # optimize's safety net says the same about its sample inputs
+    code, _, err = run_cli(capsys, "optimize", path, "-o", tmp_path / "out.onnx")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning ")]
+    assert len(warnings) == 1 and "'y'" in warnings[0] and "not checked" in warnings[0], err
