@@ -121,7 +121,7 @@ def _channel_scores(space: ChannelSpace, rms: Mapping[str, np.ndarray] | None) -
         for off, size in _segment_offset(use, space):
             col = norms[off:off + size]
             act = rms[x_name][off:off + size] if rms is not None and x_name in rms else None
-            contrib = col * (act if act is not None else prod)
+            contrib = col * (prod if act is None else np.where(np.isfinite(act), act, prod))
             score += contrib / max(contrib.mean(), 1e-30)
     return score
 
@@ -143,18 +143,22 @@ def _channel_rms(model: ir.Model, feeds, tensors: Mapping[str, int]) -> dict[str
 
     sess = make_session(with_outputs(model, sorted(tensors)))
     sq: dict[str, np.ndarray] = {}
-    cnt: dict[str, int] = {}
+    cnt: dict[str, np.ndarray] = {}
     try:
         for feed in feeds:
             out = sess.run(dict(feed))
             mask = _token_mask(feed)
             for t, axis in tensors.items():
                 a = _rows(out[t], axis, mask)
-                sq[t] = sq.get(t, 0) + (a ** 2).sum(axis=1)
-                cnt[t] = cnt.get(t, 0) + a.shape[1]
+                # Only finite values count: one inf pixel in one sample (inf - inf = NaN
+                # through a conv) would otherwise make every score NaN and the ranking arbitrary.
+                finite = np.isfinite(a)
+                sq[t] = sq.get(t, 0) + (np.where(finite, a, 0.0) ** 2).sum(axis=1)
+                cnt[t] = cnt.get(t, 0) + finite.sum(axis=1)
     finally:
         sess.close()
-    return {t: np.sqrt(sq[t] / max(cnt[t], 1)) for t in sq}
+    # A channel never finite gets NaN: _channel_scores ranks it on its weights alone.
+    return {t: np.where(cnt[t] > 0, np.sqrt(sq[t] / np.maximum(cnt[t], 1)), np.nan) for t in sq}
 
 
 def _features(node: ir.Node, x: np.ndarray, geo, max_positions: int, seed: int,
@@ -245,6 +249,9 @@ def _refit_sequential(original: ir.Model, model: ir.Model, nodes: Sequence[ir.No
                     mask = _token_mask(feed)
                     fo = _features(node, orig_sess.run(dict(feed))[x_name], geo, max_positions, 1000 * step + i, mask)
                     fp = _features(node, sess.run(dict(feed))[x_name], geo, max_positions, 1000 * step + i, mask)
+                    finite = np.isfinite(fo).all(axis=0) & np.isfinite(fp).all(axis=0)
+                    if not finite.all():  # a NaN/inf row would make the whole fit non-finite
+                        fo, fp = fo[:, finite], fp[:, finite]
                     hp = hp + fp @ fp.T
                     cpo = cpo + fp @ fo.T
                     mp = mp + fp.sum(axis=1)
@@ -452,8 +459,13 @@ def _ranking_label(activation_aware: bool, data) -> str:
 
 
 def _near_zero(arr) -> bool:
+    """Every finite value below ``_NEAR_ZERO`` (an all-NaN output, on a sample with an inf
+    pixel, counts too: it has no cosine worth reporting either)."""
     a = np.asarray(arr)
-    return a.dtype.kind in "fiub" and (a.size == 0 or float(np.nanmax(np.abs(a))) < _NEAR_ZERO)
+    if a.dtype.kind not in "fiub":
+        return False
+    a = a[np.isfinite(a)] if a.dtype.kind == "f" else a
+    return a.size == 0 or float(np.max(np.abs(a))) < _NEAR_ZERO
 
 
 def _output_agreement(refs: Sequence[Mapping[str, np.ndarray]], news: Sequence[Mapping[str, np.ndarray]]) -> dict[str, dict]:
