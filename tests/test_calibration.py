@@ -930,7 +930,8 @@ def test_a_nan_in_a_calibration_sample_is_refused_by_name(tmp_path):
 
 def test_prune_never_writes_a_non_finite_refit(tmp_path):
     """+inf is a legal input value (masks), but a least-squares fit through it is not finite:
-    such a layer keeps its cut weights instead of getting NaN ones."""
+    the fit leaves out the sampled rows holding NaN/inf (it used to skip the layer, or write
+    NaN weights before that)."""
     import onnx_ir as ir
 
     from onnxopt.pruning import prune
@@ -946,4 +947,20 @@ def test_prune_never_writes_a_non_finite_refit(tmp_path):
     for value in result.model.graph.initializers.values():
         arr = value.const_value.numpy()
         assert arr.dtype.kind != "f" or np.all(np.isfinite(arr)), value.name
-    assert any("no finite" in why for why in result.report["refit_skipped"].values())
+    assert not any("no finite" in why for why in result.report["refit_skipped"].values())
+    assert result.report["refit_layers"]
+
+
+def test_quantize_names_the_sample_whose_inf_pixel_made_every_range_unusable():
+    import onnx_ir as ir
+
+    from onnxopt.quantization import quantize
+    from tests.test_pruning import _block_net
+
+    model = ir.from_proto(_block_net())
+    x = model.graph.inputs[0]
+    rng = np.random.default_rng(0)
+    feeds = [{x.name: rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(6)]
+    feeds[2][x.name].flat[7] = np.inf
+    with pytest.raises(OnnxoptError, match=r"nothing to quantize: .*feed 2: input 'x' holds inf values"):
+        quantize(model, feeds, progress=False)

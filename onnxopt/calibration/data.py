@@ -555,6 +555,9 @@ class CalibrationData:
         self._model = model
         self.is_random = source.is_random
         self.input_names = list(self._inputs)
+        # {input: first sample label} of float inputs holding +-inf: allowed (additive masks),
+        # but named when every range comes out unusable, which one such pixel causes.
+        self.infinite_inputs: dict[str, str] = {}
         n = self.length_hint()
         desc = source.description
         if samples is not None and n is not None and n >= samples:
@@ -591,6 +594,8 @@ class CalibrationData:
             if self._reject_nan and arr.dtype.kind == "f" and np.isnan(arr).any():
                 raise OnnxoptError(f"{label}: input {name!r} holds {int(np.isnan(arr).sum())} NaN value(s); "
                                    "fix or drop this sample")
+            if arr.dtype.kind == "f" and name not in self.infinite_inputs and np.isinf(arr).any():
+                self.infinite_inputs[name] = label
         return arrays
 
     def length_hint(self) -> int | None:
