@@ -140,7 +140,7 @@ def _given(param: str) -> bool:
 @click.option("--preset", default="default", show_default=True, help="Named pipeline (see 'onnxopt passes').")
 @click.option("--passes", "pass_list", help="Comma-separated pass names to run instead of the preset.")
 @click.option("--verify", "verify_each", is_flag=True, help="Check the model after every pass, not only at the end.")
-@click.option("--no-verify", is_flag=True, help="Skip the numeric comparison (structural checks still run).")
+@click.option("--no-verify", is_flag=True, help="Skip the numeric comparison (the result must still pass the ONNX checker and load in ONNX Runtime).")
 @shape_option
 @inputs_option
 @click.option("--plugin", "plugins", multiple=True, metavar="MODULE", help="Import passes from a module or .py file (repeatable).")

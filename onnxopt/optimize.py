@@ -17,7 +17,7 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.inputs import load_npz_inputs, make_sample_inputs, validate_feeds
 from onnxopt.model_io import check_output_path, load_model, save_model
 from onnxopt.passes.manager import PassManager, PassSpec, PipelineResult
-from onnxopt.passes.registry import preset_passes
+from onnxopt.passes.registry import preset_iterates, preset_passes
 from onnxopt.plugins import load_plugin
 from onnxopt.verify import Verifier, check_model, default_tolerances
 
@@ -97,6 +97,9 @@ def optimize(
     ir_model = _as_model(model)
     rtol, atol, loosened_for = default_tolerances(ir_model, rtol, atol)
     specs = list(passes) if passes is not None else preset_passes(preset)
+    # A preset registered with iterate=False runs once (its passes may not be idempotent);
+    # a preset or --passes list otherwise repeats until nothing changes (capped).
+    iterate = True if passes is not None else preset_iterates(preset)
     if not specs:
         raise OnnxoptError("no passes to run")
     if target_opset is not None:
@@ -115,12 +118,25 @@ def optimize(
     from onnxopt.graph import annotated_intermediates, drop_new_annotations
 
     annotated = annotated_intermediates(ir_model)
-    manager = PassManager(specs, verifier=verifier, verify=verify, progress=progress)
+    manager = PassManager(specs, verifier=verifier, verify=verify, iterate=iterate, progress=progress)
     result = manager.run(ir_model)
     drop_new_annotations(result.model, annotated)
     check_model(result.model)
+    if verify == "off":
+        from onnxopt.errors import VerificationError
+        from onnxopt.verify import check_loads
+
+        try:
+            check_loads(result.model, ir_model)
+        except VerificationError as e:
+            raise OnnxoptError(f"the optimized model is broken, not written: {e} (--verify finds the pass)") from None
     result.rtol, result.atol = rtol, atol
     if verifier is not None:
+        for name, peak in verifier.unseen_outputs():
+            result.warnings.append(
+                f"output {name!r} stays below {peak:.2g} on the sample inputs, within atol {atol:g}: the check "
+                "cannot see a change in it; verify on real inputs (--inputs FILE.npz)"
+            )
         for name, bad, size in verifier.nonfinite_outputs():
             result.warnings.append(
                 f"output {name!r}: {bad} of {size} values are NaN or inf on the sample inputs, so they are "

@@ -47,11 +47,11 @@ def load_plugin(spec: str) -> list[str]:
                 raise OnnxoptError(f"plugin {spec!r}: not a Python file (expected a .py module)")
             module = importlib.util.module_from_spec(mod_spec)
             sys.modules[name] = module
-            mod_spec.loader.exec_module(module)
+            _run_plugin_code(spec, lambda: mod_spec.loader.exec_module(module))
         else:
             if os.getcwd() not in sys.path and "" not in sys.path:
                 sys.path.insert(0, os.getcwd())  # `--plugin my_module` finds ./my_module.py
-            module = importlib.import_module(spec)
+            module = _run_plugin_code(spec, lambda: importlib.import_module(spec))
     except OnnxoptError:
         raise
     except Exception as e:
@@ -61,17 +61,7 @@ def load_plugin(spec: str) -> list[str]:
     for n in added:  # a plugin's own register_pass calls: say where they came from
         if registry.PASSES[n].source == "onnxopt":
             registry.PASSES[n] = dataclasses.replace(registry.PASSES[n], source=spec)
-    for _, obj in inspect.getmembers(module, inspect.isclass):
-        if (
-            issubclass(obj, ir.passes.PassBase)
-            and obj.__module__ == module.__name__
-            and not inspect.isabstract(obj)
-            and not any(p.factory is obj for p in registry.PASSES.values())
-        ):
-            name = _kebab(obj.__name__)
-            doc = (obj.__doc__ or "").strip().splitlines()
-            registry.register_pass(name, doc[0] if doc else f"plugin pass from {spec}", source=spec)(obj)
-            added.add(name)
+    added |= _run_plugin_code(spec, lambda: _register_classes(module, spec))
     # A cached module (imported before) registers nothing new: its passes are those
     # whose factory it defines.
     names = [
@@ -81,6 +71,35 @@ def load_plugin(spec: str) -> list[str]:
     if not names:
         raise OnnxoptError(f"plugin {spec!r} defines no pass (no onnx_ir.passes.PassBase subclass, no register_pass call)")
     return names
+
+
+def _run_plugin_code(spec: str, fn):
+    """Run a plugin's code: a name clash or a ``sys.exit`` in it becomes one error naming it."""
+    try:
+        return fn()
+    except OnnxoptError as e:
+        raise OnnxoptError(f"plugin {spec!r}: {e}") from None
+    except SystemExit as e:
+        raise OnnxoptError(f"plugin {spec!r} called sys.exit({e.code!r}) while loading") from None
+
+
+def _register_classes(module, source: str) -> set[str]:
+    """Register the module's own top-level pass classes not registered yet, in kebab-case."""
+    from onnxopt.passes import registry
+
+    added = set()
+    for _, obj in inspect.getmembers(module, inspect.isclass):
+        if (
+            issubclass(obj, ir.passes.PassBase)
+            and obj.__module__ == module.__name__
+            and not inspect.isabstract(obj)
+            and not any(p.factory is obj for p in registry.PASSES.values())
+        ):
+            name = _kebab(obj.__name__)
+            doc = (obj.__doc__ or "").strip().splitlines()
+            registry.register_pass(name, doc[0] if doc else f"plugin pass from {source}", source=source)(obj)
+            added.add(name)
+    return added
 
 
 def load_entry_point_plugins() -> None:
@@ -94,9 +113,20 @@ def load_entry_point_plugins() -> None:
 
             logging.getLogger("onnxopt").warning("entry point %s failed to load: %s", ep.name, e)
             continue
-        if isinstance(obj, type) and issubclass(obj, ir.passes.PassBase):
-            from onnxopt.passes.registry import PASSES, register_pass
+        import logging
 
-            if ep.name not in PASSES:
+        log = logging.getLogger("onnxopt")
+        try:
+            if inspect.ismodule(obj):
+                # A module that calls register_pass did so on import; one that only defines
+                # pass classes gets them registered as --plugin would.
+                _register_classes(obj, ep.value)
+            elif isinstance(obj, type) and issubclass(obj, ir.passes.PassBase):
+                from onnxopt.passes.registry import register_pass
+
                 doc = (obj.__doc__ or "").strip().splitlines()
                 register_pass(ep.name, doc[0] if doc else "plugin pass", source=ep.value)(obj)
+            else:
+                log.warning("entry point %s (%s) is neither a module nor a pass class; ignored", ep.name, ep.value)
+        except OnnxoptError as e:  # a clash with a built-in name: said, not silently dropped
+            log.warning("entry point %s (%s) not registered: %s", ep.name, ep.value, e)

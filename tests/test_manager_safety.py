@@ -266,3 +266,125 @@ def test_unverifiable_model_hint_names_the_command_that_can_skip(tmp_path, capsy
     rc = main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5"])
     err = capsys.readouterr().err
     assert rc == 2 and "only optimize can skip" in err
+
+
+# --- session 9 audit: custom passes that misbehave ----------------------------------------
+
+
+class ScaleWeightInPlace(ir.passes.InPlacePass):
+    """Writes into an initializer's array instead of replacing the tensor (a user bug)."""
+
+    def call(self, model):
+        a = model.graph.initializers["W"].const_value.numpy()
+        a *= 1.5
+        return ir.passes.PassResult(model, modified=True)
+
+
+@pytest.mark.parametrize("verify", ["final", "each"])
+def test_a_pass_writing_weights_in_place_cannot_change_the_callers_model(verify):
+    """The copies share tensor data: the write changed the caller's model and the pristine
+    copy, and the result came back 'verified' with an innocent pass blamed."""
+    model = _model()
+    w = model.graph.initializers["W"]
+    w.const_value = ir.tensor(w.const_value.numpy().copy(), name="W")  # in memory, writeable (as built in Python)
+    before = w.const_value.numpy().copy()
+    result = onnxopt.optimize(model, passes=[ScaleWeightInPlace(), "identity-elimination"], verify=verify, inputs=FEEDS)
+    assert list(result.rolled_back) == ["ScaleWeightInPlace"]
+    assert result.rolled_back["ScaleWeightInPlace"].startswith("raised ValueError")  # read-only while passes run
+    np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), before)
+    assert model.graph.initializers["W"].const_value.numpy().flags.writeable  # given back as it was
+    _assert_same_answers(result.model, _model())
+
+
+def test_an_output_the_check_cannot_see_is_named():
+    """Outputs within atol of zero on the sample inputs pass whatever a pass does to them."""
+    model = _model()
+    tiny = ir.Value(name="tiny", const_value=ir.tensor(np.float32(1e-8)))
+    model.graph.register_initializer(tiny)
+    relu = model.graph.node(-1)
+    mul = ir.node("Mul", [relu.outputs[0], tiny])
+    model.graph.append(mul)
+    mul.outputs[0].name, mul.outputs[0].dtype, mul.outputs[0].shape = "small", ir.DataType.FLOAT, ir.Shape([2, 3])
+    model.graph.outputs.append(mul.outputs[0])
+    result = onnxopt.optimize(model)
+    lines = [w for w in result.warnings if "cannot see" in w]
+    assert len(lines) == 1 and "'small'" in lines[0], result.warnings
+
+
+class TagNames(ir.passes.InPlacePass):
+    """Not idempotent: prefixes every node name (each run changes the model)."""
+
+    def call(self, model):
+        for i, node in enumerate(model.graph):
+            node.name = "u_" + (node.name or f"n{i}")
+        return ir.passes.PassResult(model, modified=True)
+
+
+def test_a_preset_registered_not_to_iterate_runs_once(scratch_registry, monkeypatch):
+    monkeypatch.setattr(registry, "PRESETS", dict(registry.PRESETS))
+    registry.register_pass("tag-names-once-test", "prefix node names", factory=TagNames)
+    registry.register_preset("tag-once-test", "tag once", ["tag-names-once-test"], iterate=False)
+    result = onnxopt.optimize(_model(), preset="tag-once-test")
+    assert [s.runs for s in result.stats] == [1]
+    assert all(n.name.startswith("u_") and not n.name.startswith("u_u_") for n in result.model.graph)
+    assert not result.warnings
+
+
+class WeightToDouble(ir.passes.InPlacePass):
+    """Leaves a MatMul with float input and double weight: the checker passes, ORT refuses it."""
+
+    def call(self, model):
+        w = model.graph.initializers["W"]
+        w.const_value = ir.tensor(w.const_value.numpy().astype(np.float64), name="W")
+        w.dtype = ir.DataType.DOUBLE
+        return ir.passes.PassResult(model, modified=True)
+
+
+def test_no_verify_still_refuses_a_result_ort_cannot_load(tmp_path):
+    with pytest.raises(OnnxoptError, match="the optimized model is broken, not written: ONNX Runtime cannot load it"):
+        onnxopt.optimize(_model(), passes=[WeightToDouble()], verify="off")
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(_proto(), path)
+    with pytest.raises(OnnxoptError):
+        onnxopt.optimize_file(path, out, passes=[WeightToDouble()], verify="off")
+    assert not out.exists()
+
+
+class FlipSign(ir.passes.InPlacePass):
+    """Negates W on every run and always reports a change: breaks the model and never converges."""
+
+    def call(self, model):
+        w = model.graph.initializers["W"]
+        w.const_value = ir.tensor(-w.const_value.numpy(), name="W")
+        return ir.passes.PassResult(model, modified=True)
+
+
+def test_warnings_of_a_discarded_run_are_not_reported():
+    result = onnxopt.optimize(_model(), passes=[FlipSign(), "identity-elimination"], inputs=FEEDS)
+    assert list(result.rolled_back) == ["FlipSign"]
+    assert not any("still changing" in w for w in result.warnings), result.warnings  # the kept run converged
+
+
+def test_a_name_clash_names_the_owner_and_leaves_the_registry_whole():
+    """Registering 'cse' before anything loaded the built-ins broke their import half way:
+    the next optimize ran a default preset without remove-unused and upgrade-opset was gone."""
+    import subprocess
+
+    code = (
+        "import onnx_ir as ir, onnxopt\n"
+        "from onnxopt.passes import registry\n"
+        "try:\n"
+        "    @onnxopt.register_pass('cse', 'mine')\n"
+        "    class Mine(ir.passes.InPlacePass):\n"
+        "        def call(self, model):\n"
+        "            return ir.passes.PassResult(model, modified=False)\n"
+        "except onnxopt.OnnxoptError as e:\n"
+        "    print('ERROR', e)\n"
+        "print('default', ','.join(registry.preset_passes('default')))\n"
+        "print('upgrade', registry.get_pass('upgrade-opset').name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert "'cse' is taken by a pass from onnx-ir" in lines["ERROR"]
+    assert "remove-unused" in lines["default"].split(",") and lines["upgrade"] == "upgrade-opset"

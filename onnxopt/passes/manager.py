@@ -144,6 +144,40 @@ def _clone(model: ir.Model) -> ir.Model:
     return clone
 
 
+def _tensors(model: ir.Model):
+    """Every constant tensor: initializers and Constant/attribute tensors, subgraphs too."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                    yield attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    yield from (t for t in attr.value or () if t is not None)
+
+
+def _freeze_tensors(model: ir.Model) -> list:
+    """Make the caller's in-memory weight arrays read-only while passes run; returns them.
+
+    The working copies share tensor data with the caller's model (see _clone): a pass
+    that wrote into ``value.const_value.numpy()`` in place would change the caller's model
+    and the pristine copy that rollbacks and the check start from. Read-only, such a write
+    raises inside the pass, which is then rolled back like any pass that raises. Weights
+    read from a file are mapped read-only already.
+    """
+    import numpy as np
+
+    frozen = []
+    for tensor in _tensors(model):
+        raw = getattr(tensor, "raw", None)
+        if isinstance(raw, np.ndarray) and raw.flags.writeable:
+            raw.flags.writeable = False
+            frozen.append(raw)
+    return frozen
+
+
 def _run_one(info: PassInfo, model: ir.Model, stat: PassStat) -> tuple[ir.Model, bool]:
     """Run one pass (to its fixed point if it asks), updating its statistics.
 
@@ -218,6 +252,14 @@ class PassManager:
             model = load_model(model)
         elif not isinstance(model, ir.Model):
             raise OnnxoptError(f"PassManager.run takes an onnx_ir.Model or a path, not {type(model).__name__}")
+        frozen = _freeze_tensors(model)
+        try:
+            return self._run(model)
+        finally:
+            for arr in frozen:
+                arr.flags.writeable = True
+
+    def _run(self, model: ir.Model) -> PipelineResult:
         start = time.perf_counter()
         nodes_before = count_nodes(model)
         # The pristine copy also serves rollbacks.
@@ -229,6 +271,7 @@ class PassManager:
         warnings: list[str] = []
         while True:
             work = _clone(pristine)
+            warnings = []  # a discarded run's warnings do not describe the result
             try:
                 work, stats, failures = self._run_pipeline(work, blamed, warnings)
             except _Restart as restart:
@@ -251,6 +294,7 @@ class PassManager:
                     # The combination broke it but no prefix alone: give up on all passes.
                     excluded = {i.name: f"pipeline result failed verification: {e}" for i in self.infos}
                     work = _clone(pristine)
+                    warnings = []
                     stats = [PassStat(i.name) for i in self.infos]
                     break
                 blamed[culprit[0]] = culprit[1]

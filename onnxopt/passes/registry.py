@@ -63,11 +63,19 @@ def register_pass(
 
     def wrap(cls):
         new = factory or cls
-        old = PASSES[name].factory if name in PASSES else None
-        # Re-importing the same plugin file (a new module object) re-registers the same
-        # class; a different class under a taken name is a conflict.
-        if old is not None and old is not new and getattr(old, "__qualname__", None) != getattr(new, "__qualname__", None):
-            raise OnnxoptError(f"pass name {name!r} is registered twice")
+        if not getattr(new, "__module__", "").startswith("onnxopt.passes."):
+            # Built-ins first: a user pass registered before them must meet the name clash
+            # here, not break their import later (leaving the registry half loaded).
+            _ensure_loaded()
+        taken = PASSES.get(name)
+        # Re-importing the same plugin file (a new module object of the same name)
+        # re-registers the same class; anything else under a taken name is a clash.
+        if taken is not None and taken.factory is not new and _origin(taken.factory) != _origin(new):
+            module = getattr(taken.factory, "__module__", "?")
+            owner = "a built-in pass" if module.startswith("onnxopt.passes.") else f"a pass from {taken.source}"
+            raise OnnxoptError(
+                f"pass name {name!r} is taken by {owner} ({module}); register yours under another name"
+            )
         PASSES[name] = PassInfo(name, description, factory or cls, fixed_point, preset_order, source)
         return cls
 
@@ -75,6 +83,22 @@ def register_pass(
         wrap(factory)
         return factory
     return wrap
+
+
+def _origin(obj) -> tuple[str, str]:
+    """(defining file, qualified name): equal for the same class imported again from the
+    same file, under the same module name or another (``--plugin x.py`` and ``import x``)."""
+    import os
+    import sys
+
+    module = getattr(obj, "__module__", None)
+    code = getattr(obj, "__code__", None)  # a factory function or lambda
+    where = code.co_filename if code is not None else getattr(sys.modules.get(module), "__file__", None)
+    if where is None and isinstance(obj, type):
+        # A module executed without joining sys.modules: the class's own methods know the file.
+        where = next((v.__code__.co_filename for v in vars(obj).values() if hasattr(v, "__code__")), None)
+    where = os.path.realpath(where) if where else (module or "?")
+    return where, getattr(obj, "__qualname__", type(obj).__name__)
 
 
 def register_preset(name: str, description: str, passes: list[str] | None, *, iterate: bool = True) -> None:
@@ -90,6 +114,12 @@ def preset_passes(name: str) -> list[str]:
         return list(preset.passes)
     ordered = sorted((p for p in PASSES.values() if p.preset_order is not None), key=lambda p: p.preset_order)
     return [p.name for p in ordered]
+
+
+def preset_iterates(name: str) -> bool:
+    """Whether the preset's pipeline is repeated until nothing changes (``iterate``)."""
+    preset_passes(name)  # the unknown-preset error
+    return PRESETS[name].iterate
 
 
 def get_pass(name: str) -> PassInfo:
@@ -115,22 +145,27 @@ def all_presets() -> list[Preset]:
 
 
 _LOADED = False
+_LOADING = False
 
 
 def _ensure_loaded() -> None:
     """Import every module in onnxopt.passes (they register themselves) and entry points."""
-    global _LOADED
-    if _LOADED:
+    global _LOADED, _LOADING
+    if _LOADED or _LOADING:  # (the built-in modules' own register_pass calls come back here)
         return
-    _LOADED = True
-    import importlib
-    import pkgutil
+    _LOADING = True
+    try:
+        import importlib
+        import pkgutil
 
-    import onnxopt.passes as pkg
+        import onnxopt.passes as pkg
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if not mod.name.startswith("_") and mod.name not in ("registry", "manager"):
-            importlib.import_module(f"onnxopt.passes.{mod.name}")
-    from onnxopt.plugins import load_entry_point_plugins
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.name.startswith("_") and mod.name not in ("registry", "manager"):
+                importlib.import_module(f"onnxopt.passes.{mod.name}")
+        from onnxopt.plugins import load_entry_point_plugins
 
-    load_entry_point_plugins()
+        load_entry_point_plugins()
+        _LOADED = True
+    finally:
+        _LOADING = False
