@@ -148,7 +148,9 @@ def test_two_instances_of_one_class_are_rolled_back_separately(verify):
     result = PassManager(passes, verifier=_verifier(model), verify=verify, iterate=False).run(model)
     assert [s.name for s in result.stats] == ["ReplaceOp", "ReplaceOp#2"]
     assert list(result.rolled_back) == ["ReplaceOp#2"]
-    assert [s.status for s in result.stats][0] == "ok" and result.stats[0].runs == 1
+    assert [s.status for s in result.stats][0] == "ok"
+    # runs count every run, the bisection's too: once per pipeline run here
+    assert result.stats[0].runs == (1 if verify == "each" else 4)
     _assert_same_answers(result.model, model)
 
 
@@ -388,3 +390,23 @@ def test_a_name_clash_names_the_owner_and_leaves_the_registry_whole():
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     assert "'cse' is taken by a pass from onnx-ir" in lines["ERROR"]
     assert "remove-unused" in lines["default"].split(",") and lines["upgrade"] == "upgrade-opset"
+
+
+class Exits(ir.passes.InPlacePass):
+    def call(self, model):
+        sys.exit(3)
+
+
+def test_a_pass_that_raises_or_exits_counts_its_run_and_is_rolled_back():
+    result = onnxopt.optimize(_model(), passes=[Explode(), Exits(), "identity-elimination"], inputs=FEEDS)
+    stats = {s.name: s for s in result.stats}
+    assert stats["Explode"].runs == 1 and stats["Exits"].runs == 1  # the time was spent: shown
+    assert result.rolled_back["Exits"] == "raised SystemExit: 3"
+    assert "Identity" not in _ops(result.model)
+
+
+def test_register_pass_refuses_a_plain_function(scratch_registry):
+    with pytest.raises(OnnxoptError, match="decorates an onnx_ir.passes.PassBase subclass"):
+        @registry.register_pass("a-function-test", "not a pass class")
+        def not_a_pass(model):
+            return model

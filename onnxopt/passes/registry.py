@@ -62,6 +62,12 @@ def register_pass(
     """Register a pass class (used as a decorator) or a factory under ``name``."""
 
     def wrap(cls):
+        if factory is None and not (isinstance(cls, type) and issubclass(cls, ir.passes.PassBase)):
+            # A plain function failed later with "missing argument 'model'", far from here.
+            raise OnnxoptError(
+                f"register_pass({name!r}) decorates an onnx_ir.passes.PassBase subclass, not {cls!r}; "
+                "for a function that builds a pass use register_pass(name, description, factory=...)"
+            )
         new = factory or cls
         if not getattr(new, "__module__", "").startswith("onnxopt.passes."):
             # Built-ins first: a user pass registered before them must meet the name clash
