@@ -54,7 +54,7 @@ def _bench(paths: dict[str, str], feed: dict, threads: int, runs: int, block: in
     from onnxopt.bench import benchmark
 
     names = list(paths)
-    rep = benchmark([paths[n] for n in names], threads=threads, runs=runs, warmup=5, inputs=feed, block=block)
+    rep = benchmark([paths[n] for n in names], threads=threads, runs=runs, warmup=5, inputs=feed, block=block, memory=False)
     out = {n: {f"p50_ms{key}": rep.results[i]["latency_ms"]["p50"]} for i, n in enumerate(names)}
     for i, c in enumerate(rep.comparisons, start=1):  # one per candidate after the baseline, in order
         lo, hi = c["speedup_interval"]

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     # Latency: the structure depends on the ratio only (the rankings pick other channels).
     timed = [fp32, opt_path] + [paths[(row["ratio"], "magnitude")] for row in rows if row["ranking"] == "magnitude"]
-    rep = benchmark(timed, threads=2, runs=args.runs, warmup=5, inputs=evals["eval-text"][0], block=args.block)
+    rep = benchmark(timed, threads=2, runs=args.runs, warmup=5, inputs=evals["eval-text"][0], block=args.block, memory=False)
     p50 = [r["latency_ms"]["p50"] for r in rep.results]
     print(f"\nlatency (2 threads, {args.runs} interleaved rounds of {args.block}): original {p50[0]:.1f} ms, "
           f"optimized {p50[1]:.1f} ms")

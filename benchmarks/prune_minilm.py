@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                   f"{row['params']:,}  cosine {agree['cosine_mean']:.3f} / {agree['cosine_min']:.3f}  "
                   f"NN {agree['nn_agreement']:.3f}  refit {row['refit_layers']}  ({row['prune_s']:.0f} s)", flush=True)
     one = {k: v[:1] for k, v in ev.items()}
-    rep = benchmark([fp32, opt_path, *timed.values()], threads=2, runs=args.runs, warmup=5, inputs=one, block=20)
+    rep = benchmark([fp32, opt_path, *timed.values()], threads=2, runs=args.runs, warmup=5, inputs=one, block=20, memory=False)
     p50 = [r["latency_ms"]["p50"] for r in rep.results]
     print(f"\nlatency, warm (2 threads, {args.runs} rounds of 20): original {p50[0]:.2f} ms, optimized {p50[1]:.2f} ms")
     for i, c in enumerate(rep.comparisons):

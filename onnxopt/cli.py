@@ -359,11 +359,13 @@ def demo(output_dir, synthetic, runs, threads) -> None:
 @click.option("--trt-engine-cache", type=click.Path(), metavar="DIR", help="TensorRT: cache built engines in DIR.")
 @click.option("--ep-option", "ep_option", multiple=True, metavar="KEY=VALUE", help="Extra provider option (repeatable), e.g. device_id=1.")
 @click.option("--seed", default=0, show_default=True, help="Seed of generated inputs and of the bootstrap.")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Measure each model's peak memory in a fresh child process; --no-memory skips it (peak MB: ?).")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON (schema: docs/bench.md).")
 @click.option("--csv", "csv_path", type=click.Path(), help="Write one CSV row per model and setting.")
 @click.option("--plot", "plot_path", type=click.Path(), metavar="PNG", help="Draw the latency distributions (needs matplotlib).")
 def bench(models, eps, threads, spin, block, warmup, runs, duration, shapes, inputs, batch_sizes, io_binding, include_copies, check_outputs,
-          rtol, atol, trt_fp16, trt_int8, trt_engine_cache, ep_option, seed, json_path, csv_path, plot_path) -> None:
+          rtol, atol, trt_fp16, trt_int8, trt_engine_cache, ep_option, seed, memory, json_path, csv_path, plot_path) -> None:
     """Time MODELS on an execution provider: warm-up, percentiles, throughput, speedups.
 
     Several models are timed in interleaved rounds on the same inputs and each is
@@ -374,12 +376,12 @@ def bench(models, eps, threads, spin, block, warmup, runs, duration, shapes, inp
     from onnxopt.bench.plot import require_matplotlib
     from onnxopt.bench.progress import rich_progress
     from onnxopt.bench.providers import parse_ep_options
+    from onnxopt.bench.report import check_report_path
     from onnxopt.inputs import parse_shape_specs
-    from onnxopt.model_io import check_side_output
 
     sides = [(o, p) for o, p in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)) if p]
     for i, (option, path) in enumerate(sides):
-        check_side_output(path, option, inputs=models, outputs=[p for _, p in sides[:i]])
+        check_report_path(path, option, models=models, inputs_file=inputs, outputs=[p for _, p in sides[:i]])
     if plot_path:
         require_matplotlib()
     kwargs = dict(
@@ -387,16 +389,23 @@ def bench(models, eps, threads, spin, block, warmup, runs, duration, shapes, inp
         duration=duration, shapes=parse_shape_specs(shapes), inputs=inputs, batch_sizes=parse_batch_sizes(batch_sizes),
         io_binding=io_binding, include_copies=include_copies, check_outputs=check_outputs, rtol=rtol, atol=atol,
         trt_fp16=trt_fp16, trt_int8=trt_int8, trt_engine_cache=trt_engine_cache, ep_options=parse_ep_options(ep_option), seed=seed,
-        spinning=spin, block=block,
+        spinning=spin, block=block, memory=memory,
     )
     with rich_progress(console) as progress:
         report = benchmark(list(models), progress=progress, **kwargs)
-    for table in report.tables():
+    for table in report.tables(width=out.width):  # split, never truncated, where the terminal is narrow
         out.print(table)
-    fewest = min((r["runs"] for r in report.results), default=0)
-    if len(models) > 1 and fewest < FEW_RUNS:
-        console.print(f"onnxopt: warning: {fewest} timed runs per model: the 95% intervals are rough "
-                      f"(--runs {FEW_RUNS * 3} or more for numbers to rely on)")
+    for warning in report.warnings:
+        console.print(f"onnxopt: warning: {escape(warning)}")
+    # The bootstrap resamples rounds: with --block N, N runs per model make one round.
+    fewest = min((c["rounds"] for c in report.comparisons), default=None)
+    if fewest is not None and fewest < FEW_RUNS:
+        if block > 1:
+            console.print(f"onnxopt: warning: {fewest} round{'s' if fewest != 1 else ''} of {block} runs per model: "
+                          f"the 95% intervals are rough (--runs {FEW_RUNS * 3 * block} or more for numbers to rely on)")
+        else:
+            console.print(f"onnxopt: warning: {fewest} timed run{'s' if fewest != 1 else ''} per model: the 95% intervals "
+                          f"are rough (--runs {FEW_RUNS * 3} or more for numbers to rely on)")
     if json_path:
         report.write_json(json_path)
     if csv_path:

@@ -180,6 +180,11 @@ def load_npz_inputs(path: str | os.PathLike, model: ir.Model | None = None) -> d
     p = pathlib.Path(path)
     if not p.is_file():
         raise OnnxoptError(f"{p}: no such inputs file")
+    # np.load takes anything else (text, a lone .npy) for a pickle or one array and
+    # fails with a misleading "contains pickled (object) data" or a TypeError.
+    if not zipfile.is_zipfile(p):
+        raise OnnxoptError(f"{p}: not a readable .npz file (not the zip archive of arrays numpy.savez writes, "
+                           "one per model input)")
     try:
         with np.load(p, allow_pickle=False) as data:
             feeds = {k: data[k] for k in data.files}

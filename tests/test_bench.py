@@ -253,8 +253,9 @@ def test_io_binding_on_cpu_is_recorded(mlp):
 def test_progress_callback_is_called_between_runs(mlp):
     calls = []
     benchmark(mlp, runs=3, warmup=1, progress=lambda d, done, total: calls.append((d, done, total)))
-    assert any("timing" in d for d, _, _ in calls)
-    assert calls[-1][1] == 3
+    timing = [c for c in calls if "timing" in c[0]]
+    assert timing and timing[-1][1:] == (3, 3)
+    assert calls[-1][0].endswith("peak memory of mlp.onnx (child process)")  # measured after the timing
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -534,7 +535,7 @@ def test_block_runs_each_model_back_to_back_and_is_recorded(tmp_path, capsys, ml
     calls: list[str] = []
     times = _timed_rounds([lambda: calls.append("A"), lambda: calls.append("B")], rounds=2, seconds=None,
                           on_round=None, block=3)
-    assert "".join(calls) == "AAABBB" + "BBBAAA"  # blocks, and the order still rotates
+    assert "".join(calls) == "AAABBB" + "AAABBB"  # blocks; two models alternate (no B B between rounds)
     assert [len(t) for t in times] == [6, 6]
     report = benchmark([mlp, mlp_int8], runs=7, warmup=1, block=3)
     assert report.settings["block"] == 3 and [r["runs"] for r in report.results] == [7, 7]
@@ -544,3 +545,297 @@ def test_block_runs_each_model_back_to_back_and_is_recorded(tmp_path, capsys, ml
     assert json.loads(js.read_text())["settings"]["block"] == 4
     capsys.readouterr()
     _one_line_error(capsys, ["bench", mlp, "--block", "0", "--runs", "2"], contains="--block must be at least 1")
+
+
+# --- report files never overwrite what was read ----------------------------------------------
+
+@pytest.mark.parametrize("option", ["--json", "--csv"])
+def test_cli_refuses_to_overwrite_the_inputs_file(capsys, tmp_path, mlp, option):
+    npz = tmp_path / "in.npz"
+    np.savez(npz, x=np.ones((1, 64), np.float32))
+    before = npz.read_bytes()
+    _one_line_error(capsys, ["bench", mlp, "--inputs", str(npz), "--runs", "2", option, str(npz)],
+                    contains="is the --inputs file")
+    assert npz.read_bytes() == before
+
+
+def test_api_report_refuses_the_model_an_ir_model_came_from_and_the_inputs(tmp_path, mlp):
+    from onnxopt.model_io import load_model
+
+    before = open(mlp, "rb").read()
+    report = benchmark(load_model(mlp), memory=False, **FAST)  # in memory, loaded from mlp.onnx
+    for write in (report.write_json, report.write_csv):
+        with pytest.raises(OnnxoptError, match="is the input model"):
+            write(mlp)
+    assert open(mlp, "rb").read() == before
+    npz = tmp_path / "in.npz"
+    np.savez(npz, x=np.ones((1, 64), np.float32))
+    report = benchmark(mlp, inputs=npz, memory=False, **FAST)
+    with pytest.raises(OnnxoptError, match="is the --inputs file"):
+        report.write_csv(npz)
+    assert np.load(npz)["x"].shape == (1, 64)
+
+
+# --- one row per setting ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, contains", [
+    (["--ep", "cpu,CPUExecutionProvider"], "--ep: CPUExecutionProvider is given twice ('cpu' and 'CPUExecutionProvider')"),
+    (["--ep", "cpu", "--ep", "cpu"], "--ep: CPUExecutionProvider is given twice"),
+    (["--batch-sizes", "1,2,1"], "--batch-sizes: 1 is given twice"),
+])
+def test_duplicate_providers_and_batch_sizes_are_refused(capsys, mlp, args, contains):
+    _one_line_error(capsys, ["bench", mlp, "--runs", "2", *args], contains=contains)
+
+
+# --- peak memory -----------------------------------------------------------------------------
+
+def test_peak_memory_is_each_models_own_in_a_fresh_process(mlp):
+    from onnxopt.model_io import load_model
+
+    first = benchmark([mlp, mlp, load_model(mlp)], runs=3, warmup=1)
+    peaks = [r["peak_memory_mb"] for r in first.results]
+    # In-process, the second identical model read 0.16 MB against the first's 9.4 MB,
+    # and a second benchmark() call read about 0: now neither order nor history matters.
+    assert all(p is not None and p > 0 for p in peaks), peaks
+    assert max(peaks) - min(peaks) <= 0.1 * max(peaks), peaks
+    again = benchmark(mlp, runs=3, warmup=1).results[0]["peak_memory_mb"]
+    assert abs(again - peaks[0]) <= 0.1 * peaks[0], (again, peaks)
+    assert first.settings["memory"]["measured"] is True and "child process" in first.settings["memory"]["method"]
+    assert not first.warnings
+    validate_report(first.to_dict())
+
+
+def test_no_memory_reports_null(tmp_path, capsys, mlp, monkeypatch):
+    import onnxopt.bench.memprobe as memprobe
+
+    monkeypatch.setattr(memprobe, "probe", lambda *a, **k: pytest.fail("--no-memory started a memory probe"))
+    js = tmp_path / "r.json"
+    assert main(["bench", mlp, "--runs", "2", "--warmup", "0", "--no-memory", "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    validate_report(data)
+    assert data["results"][0]["peak_memory_mb"] is None
+    assert data["settings"]["memory"] == {"measured": False, "method": None}
+    assert benchmark(mlp, memory=False, **FAST).results[0]["peak_memory_mb"] is None
+
+
+def test_memory_probe_failure_is_a_note_not_a_crash(capsys, mlp, monkeypatch):
+    import onnxopt.bench.memprobe as memprobe
+
+    monkeypatch.setattr(memprobe.sys, "executable", os.path.join(os.sep, "no", "such", "python"))
+    report = benchmark([mlp, mlp], **FAST)
+    for r in report.results:
+        assert r["peak_memory_mb"] is None
+        assert "cannot start the memory probe" in r["peak_memory_note"]
+    assert [w for w in report.warnings if w.startswith("peak memory not measured")] == [
+        f"peak memory not measured (shown as ?): {report.results[0]['peak_memory_note']}"]  # once, not per model
+    validate_report(report.to_dict())
+
+
+def test_memory_probe_child_reports_its_error(tmp_path):
+    from onnxopt.bench.memprobe import probe
+
+    np.savez(tmp_path / "f.npz", x=np.ones((1, 64), np.float32))
+    spec = {"model": str(tmp_path / "missing.onnx"), "feeds": str(tmp_path / "f.npz"),
+            "session": {"config": {}, "log_severity": 4, "intra_op": 1, "inter_op": 1},
+            "providers": ["CPUExecutionProvider"], "provider_options": [{}], "io_binding": None}
+    peak, note = probe(spec, str(tmp_path / "spec.json"), timeout_s=120)
+    assert peak is None and note.startswith("the memory probe failed: ")
+
+
+# --- warm-up, order, rounds ------------------------------------------------------------------
+
+def test_warm_up_is_interleaved_right_before_the_timed_runs(mlp, monkeypatch):
+    import onnxopt.bench.core as core
+
+    events: list[str] = []
+    real_session, real_init, real_timed = core.ort.InferenceSession, core._Runner.__init__, core._timed_rounds
+    names = iter("AB")
+
+    def session(*a, **k):
+        events.append("create")
+        return real_session(*a, **k)
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        name, step = next(names), self.step
+        self.step = lambda: (events.append(name), step())[1]
+
+    def timed(*a, **k):
+        events.append("timed")
+        return real_timed(*a, **k)
+
+    monkeypatch.setattr(core.ort, "InferenceSession", session)
+    monkeypatch.setattr(core._Runner, "__init__", init)
+    monkeypatch.setattr(core, "_timed_rounds", timed)
+    benchmark([mlp, mlp], runs=2, warmup=3, memory=False)
+    before_timing = events[:events.index("timed")]
+    # Each session runs once when created; all warm-up comes after the last session, interleaved.
+    assert before_timing == ["create", "A", "create", "B"] + ["A", "B"] * 3
+
+
+def test_two_models_alternate_three_rotate():
+    from onnxopt.bench.core import _timed_rounds
+
+    calls: list[str] = []
+    _timed_rounds([lambda: calls.append("A"), lambda: calls.append("B")], rounds=4, seconds=None, on_round=None)
+    assert "".join(calls) == "ABABABAB"  # every run right after the other model's
+    calls.clear()
+    _timed_rounds([lambda n=n: calls.append(n) for n in "ABC"], rounds=3, seconds=None, on_round=None)
+    assert "".join(calls) == "ABC" + "BCA" + "CAB"
+    assert all(a != b for a, b in zip(calls, calls[1:]))  # no model follows itself
+
+
+def test_bootstrap_resamples_whole_rounds():
+    # 6 rounds of 20 runs: runs within a round share its ratio (the machine state of that
+    # moment); resampled one by one, 120 runs look like far more evidence than 6 rounds are.
+    rng = np.random.default_rng(0)
+    per_round = 1 + 0.05 * rng.standard_normal(6)
+    cand = np.ones(120)
+    base = np.repeat(per_round, 20) * (1 + 0.001 * rng.standard_normal(120))
+    s_run, (lo_run, hi_run) = paired_speedup(base, cand, seed=3)
+    s_round, (lo, hi) = paired_speedup(base, cand, seed=3, block=20)
+    assert s_round == s_run  # the point estimate is still the median of the per-run ratios
+    assert lo <= lo_run and hi >= hi_run and (hi - lo) > 3 * (hi_run - lo_run)
+    assert paired_speedup(base[:110], cand[:110], seed=3, block=20)[1] is not None  # a short last round is fine
+    assert paired_speedup(base[:20], cand[:20], block=20) == (float(np.median(base[:20])), None)  # one round
+
+
+def test_comparisons_report_pairs_and_rounds_and_cli_counts_rounds(tmp_path, capsys, mlp, mlp_int8):
+    report = benchmark([mlp, mlp_int8], runs=7, warmup=0, block=3, memory=False)
+    (comp,) = report.comparisons
+    assert (comp["pairs"], comp["rounds"]) == (7, 3)
+    assert report.settings["bootstrap"]["resampled"] == "rounds"
+    validate_report(report.to_dict())
+    assert main(["bench", mlp, mlp_int8, "--runs", "8", "--block", "4", "--warmup", "0", "--no-memory"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "2 rounds of 4 runs per model: the 95% intervals are rough (--runs 120 or more" in err
+
+
+def test_block_larger_than_runs_is_refused(capsys, mlp):
+    _one_line_error(capsys, ["bench", mlp, mlp, "--runs", "3", "--block", "500"],
+                    contains="--block 500 is larger than --runs 3")
+
+
+# --- the table -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_table_splits_instead_of_truncating_numbers(tmp_path, mlp, width, monkeypatch):
+    from rich.console import Console
+
+    import onnxopt.cli
+
+    long_name = tmp_path / "a_model_with_a_rather_long_file_name.onnx"
+    long_name.write_bytes(open(mlp, "rb").read())
+    # The command in a terminal this wide: rich used to shrink the columns to "0…".
+    terminal = io.StringIO()
+    monkeypatch.setattr(onnxopt.cli, "out", Console(file=terminal, width=width, color_system=None, highlight=False))
+    assert main(["bench", str(long_name), mlp, "--runs", "3", "--warmup", "0", "--no-memory"]) == 0
+    assert "…" not in terminal.getvalue() and "peak MB" in terminal.getvalue()
+    assert max(len(line) for line in terminal.getvalue().splitlines()) <= width
+
+    report = benchmark([str(long_name), mlp], memory=False, **FAST)
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, color_system=None)
+    tables = report.tables(width=width)
+    assert len(tables) >= 2  # the full table is wider than the terminal
+    for t in tables:
+        console.print(t)
+    text = buf.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    flat = " ".join(text.split())
+    c = report.comparisons[0]
+    for r in report.results:
+        lat = r["latency_ms"]
+        for cell in (f"{lat['p50']:.3f}", f"{lat['p99']:.3f}", f"{lat['mean']:.3f} ± {lat['std']:.3f}", f"{lat['min']:.3f}",
+                     f"{r['throughput_per_s']:.1f}", f"{r['session_init_ms']:.1f}"):
+            assert cell in flat, cell
+    assert f"{c['speedup']:.3f}x [{c['speedup_interval'][0]:.3f}, {c['speedup_interval'][1]:.3f}]" in flat
+    # Wide enough: one table, as before.
+    assert len(report.tables(width=300)) == 1 and len(report.tables()) == 1
+
+
+# --- which shapes were timed -----------------------------------------------------------------
+
+def _image_model(path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "img",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_defaulted_dynamic_dims_are_shown_and_warned(tmp_path, capsys):
+    img = _image_model(tmp_path / "img.onnx")
+    js = tmp_path / "r.json"
+    assert main(["bench", img, "--runs", "2", "--warmup", "0", "--no-memory", "--json", str(js)]) == 0
+    captured = capsys.readouterr()
+    assert "inputs: x 1x3x64x64 (generated inputs" in " ".join(captured.out.split())
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert warnings == ["onnxopt: warning: dynamic input dimensions set to the default 64: x (dimensions 2, 3: timed at "
+                        "1x3x64x64); give the sizes the model is used at with --shape NAME:DIMS (--shape x:1x3x?x?, "
+                        "? filled in)"]
+    assert json.loads(js.read_text())["settings"]["defaulted_dims"] == {"x": [2, 3]}
+    assert main(["bench", img, "--runs", "2", "--warmup", "0", "--no-memory", "--shape", "x:1x3x40x48"]) == 0
+    captured = capsys.readouterr()
+    assert "inputs: x 1x3x40x48 (generated inputs)" in " ".join(captured.out.split())
+    assert "warning" not in captured.err
+    report = benchmark(img, batch_sizes=[1, 2], shapes={"x": (1, 3, 8, 8)}, memory=False, **FAST)
+    assert [r["input_shapes"] for r in report.results] == [{"x": [1, 3, 8, 8]}, {"x": [2, 3, 8, 8]}]
+    assert report.settings["defaulted_dims"] == {} and not report.warnings
+
+
+# --- small ones ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, contains", [
+    (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    (["--include-copies"], "--include-copies applies to device providers"),
+    (["--include-copies", "--io-binding"], "--include-copies applies to device providers"),
+    (["--inputs", "{tmp}/notes.txt"], "notes.txt: not a readable .npz file (not the zip"),
+    (["--inputs", "{tmp}/one.npy"], "one.npy: not a readable .npz file (not the zip"),
+])
+def test_more_bad_input_is_one_line(capsys, tmp_path, mlp, args, contains):
+    (tmp_path / "notes.txt").write_text("x = 1, 2, 3\n")
+    np.save(tmp_path / "one.npy", np.zeros((1, 64), np.float32))
+    js = tmp_path / "r.json"
+    argv = ["bench", mlp, "--runs", "2", "--json", str(js)] + [a.format(tmp=tmp_path) for a in args]
+    _one_line_error(capsys, argv, contains=contains)
+    assert not js.exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_sizes=[True]), "every batch size must be a positive integer, got True"),
+    (dict(batch_sizes=[2.0]), "every batch size must be a positive integer, got 2.0"),
+    (dict(batch_sizes={"a": 1}), "batch_sizes=.*expected a list of positive integers"),
+    (dict(ep=None), "ep=None: expected a provider name"),
+    (dict(ep=["cpu", 1]), "every provider must be a name"),
+    (dict(seed=-1), "--seed must be 0 or more"),
+])
+def test_api_argument_errors_are_onnxopt_errors(mlp, kwargs, message):
+    with pytest.raises(OnnxoptError, match=message):
+        benchmark(mlp, memory=False, **FAST, **kwargs)
+
+
+def test_api_accepts_one_batch_size_and_numpy_integers(mlp):
+    assert [r["batch"] for r in benchmark(mlp, batch_sizes=8, memory=False, **FAST).results] == [8]
+    report = benchmark(mlp, batch_sizes=[np.int64(2), 3], memory=False, **FAST)
+    assert [r["batch"] for r in report.results] == [2, 3]
+    assert report.settings["batch_sizes"] == [2, 3]
+    validate_report(json.loads(report.to_json()))
+
+
+def test_one_timed_run_has_no_interval(capsys, tmp_path, mlp):
+    report = benchmark([mlp, mlp], runs=1, warmup=0, memory=False)
+    (comp,) = report.comparisons
+    assert comp["speedup_interval"] is None and (comp["pairs"], comp["rounds"]) == (1, 1)
+    validate_report(report.to_dict())
+    row = list(csv.DictReader(io.StringIO(report.to_csv())))[1]
+    assert row["speedup"] != "" and row["speedup_lo"] == "" == row["speedup_hi"]
+    js = tmp_path / "r.json"
+    assert main(["bench", mlp, mlp, "--runs", "1", "--warmup", "0", "--no-memory", "--json", str(js)]) == 0
+    assert "x [n/a]" in capsys.readouterr().out
+    assert json.loads(js.read_text())["comparisons"][0]["speedup_interval"] is None

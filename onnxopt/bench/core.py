@@ -5,7 +5,9 @@ What "honestly" means here, and where each rule is enforced:
 - Sessions are created and run once before timing; the creation time and the first
   run (which in ONNX Runtime includes kernel selection, arena growth and, for TensorRT,
   engine building) are reported apart from the steady state, never mixed into it.
-- ``warmup`` further untimed runs follow; then the timed runs.
+- ``warmup`` further untimed runs per model follow, interleaved like the timed runs and
+  right before them (after every session exists), so no model's warm-up has gone
+  stale behind the other models' session creation; then the timed runs.
 - The timed region is exactly one inference call: feeds are built, bound and (on GPU)
   copied to the device before timing; outputs are released after the clock stops; the
   garbage collector is off while timing. Per run the harness does nothing in Python
@@ -20,9 +22,11 @@ What "honestly" means here, and where each rule is enforced:
   1, sequential execution; all three are recorded.
 - Several models are timed in interleaved rounds (A B A B ...) so machine drift hits
   all of them alike; each candidate's speedup over the first model is the median of the
-  per-round ratios with a seeded bootstrap interval (see ``stats.paired_speedup``).
-- Peak memory is the growth of the process's resident set while one model's session is
-  created, run once and warmed up (``machine.PeakMemory``). Device memory is not counted.
+  paired per-run ratios with a seeded bootstrap interval over rounds (see
+  ``stats.paired_speedup``).
+- Peak memory is measured apart from the timing, in a fresh child process per model
+  (``memprobe``): in this process it depended on the sessions created before.
+  Device memory is not counted.
 """
 
 from __future__ import annotations
@@ -30,21 +34,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import numbers
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt.bench.machine import PeakMemory, machine_info, package_versions, physical_cores
+from onnxopt.bench import memprobe
+from onnxopt.bench.machine import machine_info, package_versions, physical_cores
 from onnxopt.bench.providers import ProviderConfig, check_session_providers, make_provider_config
 from onnxopt.bench.report import BenchReport
-from onnxopt.bench.stats import latency_stats, paired_speedup
+from onnxopt.bench.stats import latency_stats, paired_speedup, rounds_of
 from onnxopt.errors import OnnxoptError
-from onnxopt.inputs import load_npz_inputs, make_sample_inputs, model_inputs, validate_feeds
+from onnxopt.inputs import DEFAULT_DIM, load_npz_inputs, make_sample_inputs, model_inputs, validate_feeds
 from onnxopt.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, load_model, tensor_bytes
 from onnxopt.verify import compare_outputs, diff_arrays
 
@@ -195,18 +202,20 @@ def session_options(threads: int, *, spinning: bool = True, stop_spinning_after_
     alternating against 28 ms with the spin stopped; int8 36 against 16; back to back,
     one session alone, the two settings are within 1%).
     """
-    so = ort.SessionOptions()
+    return memprobe.make_session_options(ort, session_spec(threads, spinning=spinning,
+                                                          stop_spinning_after_run=stop_spinning_after_run))
+
+
+def session_spec(threads: int, *, spinning: bool = True, stop_spinning_after_run: bool = False) -> dict:
+    """What :func:`session_options` sets, as JSON: the memory probe's child builds the same options."""
+    config = {}
     if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        config["session.intra_op.allow_spinning"] = "0"
+        config["session.inter_op.allow_spinning"] = "0"
     elif stop_spinning_after_run:
-        so.add_session_config_entry("session.force_spinning_stop", "1")
-    so.log_severity_level = 4  # fatal only: run errors become one OnnxoptError line, not ORT log spam
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return so
+        config["session.force_spinning_stop"] = "1"
+    # log_severity 4, fatal only: run errors become one OnnxoptError line, not ORT log spam.
+    return {"config": config, "log_severity": 4, "intra_op": threads, "inter_op": 1}
 
 
 class _Runner:
@@ -223,22 +232,8 @@ class _Runner:
             # session.run exactly as an application calls it; the feed dict is built once.
             self.step = functools.partial(session.run, self.output_names, dict(feeds))
             return
-        device = config.device
-        device_id = int(config.options.get("device_id", 0))
-        io = session.io_binding()
-        for name, arr in feeds.items():
-            arr = np.ascontiguousarray(arr)
-            self._keep.append(arr)
-            if include_copies:
-                io.bind_cpu_input(name, arr)  # host memory: copied to the device inside every run
-            else:
-                ov = ort.OrtValue.ortvalue_from_numpy(arr, device, device_id)
-                self._keep.append(ov)
-                io.bind_ortvalue_input(name, ov)
-        out_device = "cpu" if include_copies else device
-        for name in self.output_names:
-            io.bind_output(name, out_device, device_id)
-        io.synchronize_inputs()
+        io, keep = memprobe.bind_io(ort, session, feeds, config.device, _device_id(config), include_copies)
+        self._keep.extend(keep)
         self.io = io
         run_io, sync = session.run_with_iobinding, io.synchronize_outputs
 
@@ -272,6 +267,13 @@ class _Runner:
         self.session = None
 
 
+def _device_id(config: ProviderConfig) -> int:
+    try:
+        return int(config.options.get("device_id", 0))
+    except ValueError:
+        raise OnnxoptError(f"--ep-option device_id={config.options['device_id']!r}: expected an integer") from None
+
+
 def _timed_rounds(
     steps: list[Callable[[], object]],
     *,
@@ -282,11 +284,15 @@ def _timed_rounds(
 ) -> list[list[int]]:
     """Interleaved rounds: each round times every step ``block`` times in a row. Nanoseconds, per step.
 
-    The order rotates from round to round (A B | B A | A B ... ; A B C | B C A | C A B
-    ...) so every model runs equally often in every position of a round. Measured on
-    2 cores with ORT's default thread-pool spinning, a model timed first in every round
-    of an A/A pair came out 7-12% slower than its twin (median paired ratio); with the
-    rotation the same pair gives 1.01-1.04.
+    Two models strictly alternate (A B A B ...), so with one run per turn every run
+    starts right after the other model's. Three or more rotate from round to round
+    (A B C | B C A | C A B ...): every model runs equally often in every position of a
+    round, and no model ever follows itself. (A rotation of two, A B | B A, would make
+    half of all runs follow the same model: A B B A A B ...) With ORT's default
+    thread-pool spinning left on (before ``session_options`` stopped it after each run),
+    a model timed first in every round of an A/A pair came out 7-12% slower than its
+    twin on 2 cores; with the spinning stopped, an A/A pair of the PP-OCR classifier
+    (200 runs, 10 reruns) read a median of 1.007 alternating and 1.005 with A B | B A.
 
     ``block`` > 1 runs each model that many times back to back within a round: a model
     then mostly runs after itself, with its weights and buffers still in cache, as a
@@ -300,7 +306,8 @@ def _timed_rounds(
     pc = time.perf_counter_ns
     times: list[list[int]] = [[] for _ in steps]
     pairs = [(s, t.append) for s, t in zip(steps, times)]
-    orders = [pairs[r:] + pairs[:r] for r in range(len(pairs))]
+    # Two models: one order, A B A B ... (see the docstring); more: rotate.
+    orders = [pairs] if len(pairs) <= 2 else [pairs[r:] + pairs[:r] for r in range(len(pairs))]
     n_orders = len(orders)
     # --duration gives each model about that much timed work.
     deadline = pc() + int(seconds * 1e9 * len(steps)) if seconds is not None else None
@@ -330,7 +337,7 @@ def _timed_rounds(
 
 # --- the benchmark ----------------------------------------------------------------------------
 
-def _check_counts(runs, duration, warmup, threads, batch_sizes) -> None:
+def _check_counts(runs, duration, warmup, threads, batch_sizes, block=1, seed=0) -> None:
     if runs is not None and duration is not None:
         raise OnnxoptError("give --runs or --duration, not both")
     if runs is not None and (not isinstance(runs, int) or runs < 1):
@@ -341,9 +348,64 @@ def _check_counts(runs, duration, warmup, threads, batch_sizes) -> None:
         raise OnnxoptError(f"--warmup must be 0 or more, got {warmup}")
     if threads is not None and threads < 1:
         raise OnnxoptError(f"--threads must be at least 1, got {threads}")
+    if seed < 0:
+        raise OnnxoptError(f"--seed must be 0 or more, got {seed}")
+    if block < 1:
+        raise OnnxoptError(f"--block must be at least 1, got {block}")
+    if runs is not None and block > runs:
+        # Every round runs each model `block` times: the extra runs would be thrown away,
+        # and with a single round nothing is interleaved any more.
+        raise OnnxoptError(f"--block {block} is larger than --runs {runs}: a round runs each model --block times; "
+                           f"give a --block of at most {runs}")
     for b in batch_sizes or ():
-        if not isinstance(b, int) or b < 1:
-            raise OnnxoptError(f"--batch-sizes: every batch size must be a positive integer, got {b}")
+        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+            raise OnnxoptError(f"--batch-sizes: every batch size must be a positive integer, got {b!r}")
+    dup = _first_duplicate(batch_sizes or ())
+    if dup is not None:
+        raise OnnxoptError(f"--batch-sizes: {dup} is given twice; give each batch size once")
+
+
+def _first_duplicate(items):
+    seen = set()
+    for x in items:
+        if x in seen:
+            return x
+        seen.add(x)
+    return None
+
+
+def _batch_size_list(batch_sizes) -> list[int] | None:
+    """``batch_sizes`` as given to :func:`benchmark` -> a list of ints (None: the inputs' own batch)."""
+    if batch_sizes is None:
+        return None
+    if isinstance(batch_sizes, str):
+        return parse_batch_sizes(batch_sizes)
+    if isinstance(batch_sizes, numbers.Integral) and not isinstance(batch_sizes, bool):
+        return [int(batch_sizes)]  # one size, like one model or one provider
+    if isinstance(batch_sizes, (bytes, Mapping)) or not isinstance(batch_sizes, (Sequence, np.ndarray, set, frozenset)):
+        raise OnnxoptError(f"batch_sizes={batch_sizes!r}: expected a list of positive integers such as [1, 8, 32]")
+    sizes = []
+    for b in batch_sizes:
+        # numpy integers (np.int64 out of an array) are integers; True is not a batch size.
+        if isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral):
+            raise OnnxoptError(f"--batch-sizes: every batch size must be a positive integer, got {b!r}")
+        sizes.append(int(b))
+    return sizes or None  # [] as None: the inputs' own batch
+
+
+def _ep_list(ep) -> list[str]:
+    if isinstance(ep, str):
+        eps = [ep]
+    elif isinstance(ep, Sequence) and not isinstance(ep, (bytes, Mapping)):
+        eps = list(ep)
+    else:
+        raise OnnxoptError(f"ep={ep!r}: expected a provider name such as 'cpu' or 'cuda', or a list of them")
+    for e in eps:
+        if not isinstance(e, str):
+            raise OnnxoptError(f"ep={ep!r}: every provider must be a name such as 'cpu' or 'cuda', got {e!r}")
+    if not eps:
+        raise OnnxoptError("give at least one execution provider")
+    return eps
 
 
 def parse_batch_sizes(text: str | None) -> list[int] | None:
@@ -387,6 +449,7 @@ def benchmark(
     seed: int = 0,
     spinning: bool = True,
     block: int = 1,
+    memory: bool = True,
     progress: ProgressFn | None = None,
 ) -> BenchReport:
     """Time ``models`` (paths or ``onnx_ir`` models) on each provider and batch size.
@@ -395,8 +458,10 @@ def benchmark(
     per model; ``warmup`` untimed runs first. Several models are interleaved and each
     is compared with the first (``report.comparisons``). ``io_binding=None`` means on
     for device providers (CUDA, TensorRT, DirectML...), off for CPU. ``block``: runs of
-    each model back to back within a round (1: strictly alternating). ``progress`` is
-    called as ``progress(description, done, total)`` between runs, never inside one.
+    each model back to back within a round (1: strictly alternating). ``memory``:
+    measure each model's peak memory in a child process (``False``: ``peak_memory_mb``
+    is ``None``). ``progress`` is called as ``progress(description, done, total)``
+    between runs, never inside one.
     """
     from onnxopt import arguments as arg
 
@@ -412,8 +477,9 @@ def benchmark(
         raise OnnxoptError(f"tolerances must be >= 0 (got rtol {rtol}, atol {atol})")
     shapes = arg.shapes("shapes", shapes)
     for name, value in (("include_copies", include_copies), ("check_outputs", check_outputs), ("trt_fp16", trt_fp16),
-                        ("trt_int8", trt_int8), ("spinning", spinning)):
+                        ("trt_int8", trt_int8), ("spinning", spinning), ("memory", memory)):
         arg.flag(name, value)
+    memory = bool(memory)
     if io_binding is not None:
         arg.flag("io_binding", io_binding)
     if inputs is not None and not isinstance(inputs, (str, os.PathLike, Mapping)):
@@ -423,23 +489,31 @@ def benchmark(
         from onnxopt.bench.providers import parse_ep_options
 
         ep_options = parse_ep_options(arg.names("ep_options", ep_options))
-    if isinstance(batch_sizes, str):
-        batch_sizes = parse_batch_sizes(batch_sizes)
+    batch_sizes = _batch_size_list(batch_sizes)
     if runs is None and duration is None:
         runs = DEFAULT_RUNS
-    batch_sizes = list(batch_sizes) if batch_sizes else None
-    _check_counts(runs, duration, warmup, threads, batch_sizes)
-    if not isinstance(block, int) or block < 1:
-        raise OnnxoptError(f"--block must be at least 1, got {block}")
-    eps = [ep] if isinstance(ep, str) else list(ep)
-    if not eps:
-        raise OnnxoptError("give at least one execution provider")
+    _check_counts(runs, duration, warmup, threads, batch_sizes, block=block, seed=seed)
+    eps = _ep_list(ep)
     configs = [
         make_provider_config(e, trt_fp16=trt_fp16, trt_int8=trt_int8, trt_engine_cache=trt_engine_cache, options=ep_options)
         for e in eps
     ]
+    # The same provider twice (cpu and CPUExecutionProvider) would give two rows with one
+    # key, and the table, CSV and plot would show the first one's numbers for both.
+    names = [c.name for c in configs]
+    dup = _first_duplicate(names)
+    if dup is not None:
+        given = [e for e, n in zip(eps, names) if n == dup]
+        raise OnnxoptError(f"--ep: {dup} is given twice ({' and '.join(repr(g) for g in given)}); give each provider once")
     if include_copies and io_binding is False:
         raise OnnxoptError("--include-copies needs IO binding; without it session.run copies inputs and outputs anyway")
+    if include_copies:
+        host = [c.short for c in configs if c.device == "cpu"]
+        if host:
+            # Its tensors live in host memory: there is no copy to put back in the timing,
+            # and a report saying include_copies: true would claim otherwise.
+            raise OnnxoptError(f"--include-copies applies to device providers (cuda, tensorrt, ...); {host[0]} works on "
+                               "host memory, so there are no copies to time")
     n_threads = threads or physical_cores()
     loaded = _load_models(models)
     try:
@@ -449,7 +523,7 @@ def benchmark(
             loaded, configs, n_threads=n_threads, threads_given=threads is not None, warmup=warmup, runs=runs,
             duration=duration, shapes=shapes, inputs=inputs, batch_sizes=batch_sizes, io_binding=io_binding,
             include_copies=include_copies, check_outputs=check_outputs, rtol=rtol, atol=atol, seed=seed, progress=progress,
-            spinning=spinning, block=block,
+            spinning=spinning, block=block, memory=memory,
         )
     finally:
         for m in loaded:
@@ -474,10 +548,49 @@ def _check_trt_int8(models: list[_Model], config: ProviderConfig) -> None:
             )
 
 
+def _defaulted_dims(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None) -> dict[str, list[int]]:
+    """{input: [dimension indices]} that generated inputs set to ``inputs.DEFAULT_DIM``.
+
+    A dynamic dimension past the first (the batch, which defaults to 1) takes the
+    default unless ``--shape`` gives the input, or gives another input sharing its
+    named dimension (``make_sample_inputs`` propagates those).
+    """
+    given = dict(shapes or {})
+    named: set[str] = set()
+    for v in model_inputs(model):
+        if v.name in given and v.shape is not None:
+            named.update(d.value for d in v.shape if isinstance(d, ir.SymbolicDim) and d.value is not None)
+    out: dict[str, list[int]] = {}
+    for v in model_inputs(model):
+        if v.name in given or v.shape is None:
+            continue
+        dims = [
+            i for i, d in enumerate(v.shape)
+            if i > 0 and not (isinstance(d, int) and d >= 0)
+            and not (isinstance(d, ir.SymbolicDim) and d.value is not None and d.value in named)
+        ]
+        if dims:
+            out[v.name] = dims
+    return out
+
+
+def _defaulted_warning(defaulted: dict[str, list[int]], feeds: Mapping[str, np.ndarray]) -> str:
+    parts = [
+        f"{name} (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))}: timed at "
+        f"{'x'.join(map(str, feeds[name].shape))})"
+        for name, dims in defaulted.items()
+    ]
+    name, dims = next(iter(defaulted.items()))
+    example = "x".join("?" if i in dims else str(d) for i, d in enumerate(feeds[name].shape))
+    return (f"dynamic input dimensions set to the default {DEFAULT_DIM}: {'; '.join(parts)}; "
+            f"give the sizes the model is used at with --shape NAME:DIMS (--shape {name}:{example}, ? filled in)")
+
+
 def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, threads_given, warmup, runs, duration, shapes,
          inputs, batch_sizes, io_binding, include_copies, check_outputs, rtol, atol, seed, progress, spinning,
-         block=1) -> BenchReport:
+         block=1, memory=True) -> BenchReport:
     generated = inputs is None
+    inputs_path = None
     if generated:
         base_feeds = make_sample_inputs(loaded[0].model, shapes, seed=seed)
         source = "generated inputs"
@@ -486,10 +599,13 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
             raise OnnxoptError("--shape applies to generated inputs; with --inputs the file's arrays set the shapes")
         base_feeds = load_npz_inputs(inputs, None)
         source = f"--inputs {inputs}"
+        inputs_path = os.fspath(inputs)
     else:
         base_feeds = {k: np.asarray(v) for k, v in inputs.items()}
         source = "inputs"
     _check_compatible(loaded, base_feeds, source)
+    defaulted = _defaulted_dims(loaded[0].model, shapes) if generated else {}
+    warnings = [_defaulted_warning(defaulted, base_feeds)] if defaulted else []
 
     if batch_sizes:
         settings_list = [
@@ -501,15 +617,19 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
     results: list[dict] = []
     comparisons: list[dict] = []
     samples: dict[tuple[str, str, int], np.ndarray] = {}
-    for config in configs:
-        use_binding = io_binding if io_binding is not None else config.device != "cpu"
-        for batch, feeds in settings_list:
-            _bench_setting(
-                loaded, config, batch, feeds, n_threads=n_threads, spinning=spinning, block=block, warmup=warmup, runs=runs,
-                duration=duration,
-                io_binding=use_binding, include_copies=include_copies, check_outputs=check_outputs, rtol=rtol, atol=atol,
-                seed=seed, progress=progress, results=results, comparisons=comparisons, samples=samples,
-            )
+    with tempfile.TemporaryDirectory(prefix="onnxopt-bench-mem-") as probe_dir:
+        for config in configs:
+            use_binding = io_binding if io_binding is not None else config.device != "cpu"
+            for batch, feeds in settings_list:
+                _bench_setting(
+                    loaded, config, batch, feeds, n_threads=n_threads, spinning=spinning, block=block, warmup=warmup,
+                    runs=runs, duration=duration, io_binding=use_binding, include_copies=include_copies,
+                    check_outputs=check_outputs, rtol=rtol, atol=atol, seed=seed, progress=progress, results=results,
+                    comparisons=comparisons, samples=samples, probe_dir=probe_dir if memory else None,
+                )
+    # One warning per reason, not one per model and setting.
+    for note in dict.fromkeys(r["peak_memory_note"] for r in results if r.get("peak_memory_note")):
+        warnings.append(f"peak memory not measured (shown as ?): {note}")
     settings = {
         "eps": [c.short for c in configs],
         "providers": {c.short: {"name": c.name, "options": c.options, "device": c.device} for c in configs},
@@ -531,14 +651,25 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
         "inputs": source,
         "input_shapes": {k: list(v.shape) for k, v in base_feeds.items()},
         "input_dtypes": {k: str(v.dtype) for k, v in base_feeds.items()},
+        "defaulted_dims": defaulted,
         "check_outputs": check_outputs,
         "rtol": rtol,
         "atol": atol,
         "seed": seed,
         "interleaved": len(loaded) > 1,
-        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "confidence": CONFIDENCE, "statistic": "median of paired ratios"},
+        "order": "alternating" if len(loaded) == 2 else ("rotating" if len(loaded) > 2 else "single"),
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "confidence": CONFIDENCE,
+                      "statistic": "median of paired per-run ratios", "resampled": "rounds"},
+        "memory": {"measured": memory, "method": memprobe.METHOD if memory else None},
         "timer": "time.perf_counter_ns around one inference call",
     }
+    # Files a report must never overwrite: the model files (also of in-memory models that
+    # were loaded from one) and the --inputs file.
+    model_paths = []
+    for m in loaded:
+        src = m.path or m.model.meta.get("onnxopt.source_path")
+        if src is not None:
+            model_paths.append(src)
     return BenchReport(
         machine=machine_info(),
         packages=package_versions(),
@@ -546,13 +677,65 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
         results=results,
         comparisons=comparisons,
         samples=samples,
-        model_paths=[m.path for m in loaded if m.path is not None],
+        model_paths=model_paths,
+        inputs_path=inputs_path,
+        warnings=warnings,
     )
 
 
+def _write_npz(path: str, feeds: Mapping[str, np.ndarray]) -> None:
+    # Not np.savez: an input named "file" would collide with its first parameter.
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in feeds.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+
+
+def _probe_memory(loaded, config, feeds, info, *, n_threads, spinning, io_binding, include_copies, probe_dir, what,
+                  progress) -> None:
+    """Each model's peak memory, one fresh child process each (see ``memprobe``), into ``info``."""
+    feeds_path = os.path.join(probe_dir, "feeds.npz")
+    try:
+        _write_npz(feeds_path, feeds)
+    except (OSError, ValueError) as e:
+        for extra in info:
+            extra["peak_memory_mb"], extra["peak_memory_note"] = None, f"cannot write the feeds for the probe: {_first_line(e)}"
+        return
+    providers, provider_options = config.session_args()
+    binding = ({"device": config.device, "device_id": _device_id(config), "include_copies": include_copies}
+               if io_binding else None)
+    for i, (m, extra) in enumerate(zip(loaded, info)):
+        if progress:
+            progress(f"{what}: peak memory of {m.label} (child process)", i, len(loaded))
+        src = m.source()
+        if isinstance(src, bytes):
+            model_path = os.path.join(probe_dir, f"model{i}.onnx")
+            with open(model_path, "wb") as f:
+                f.write(src)
+        else:
+            model_path = src
+        spec = {
+            "model": os.path.abspath(model_path),
+            "feeds": feeds_path,
+            # Same options as the timed sessions (see _bench_setting).
+            "session": session_spec(n_threads, spinning=spinning, stop_spinning_after_run=len(loaded) > 1),
+            "providers": providers,
+            "provider_options": provider_options,
+            "io_binding": binding,
+        }
+        # Generous: the child creates and runs the session once, as the parent just did.
+        timeout = 120 + 5 * (extra["session_init_ms"] + extra["first_run_ms"]) / 1000
+        peak, note = memprobe.probe(spec, os.path.join(probe_dir, "spec.json"), timeout_s=timeout)
+        extra["peak_memory_mb"], extra["peak_memory_note"] = peak, note
+    try:
+        os.remove(feeds_path)
+    except OSError:
+        pass
+
+
 def _bench_setting(loaded, config, batch, feeds, *, n_threads, spinning, warmup, runs, duration, io_binding, include_copies,
-                   block=1,
-                   check_outputs, rtol, atol, seed, progress, results, comparisons, samples) -> None:
+                   block=1, check_outputs, rtol, atol, seed, progress, results, comparisons, samples,
+                   probe_dir=None) -> None:
     what = f"{config.short} batch {batch}"
     runners: list[_Runner] = []
     info: list[dict] = []
@@ -561,8 +744,6 @@ def _bench_setting(loaded, config, batch, feeds, *, n_threads, spinning, warmup,
         for m in loaded:
             if progress:
                 progress(f"{what}: loading {m.label}", 0, None)
-            mem = PeakMemory()
-            mem.start()
             src = m.source()
             providers, provider_options = config.session_args()
             t0 = time.perf_counter_ns()
@@ -578,18 +759,28 @@ def _bench_setting(loaded, config, batch, feeds, *, n_threads, spinning, warmup,
                 runner = _Runner(sess, feeds, config, io_binding=io_binding, include_copies=include_copies)
                 runners.append(runner)
                 first_ms, outs = runner.first_run()
-                if progress:
-                    progress(f"{what}: warm-up {m.label}", 0, warmup)
-                step = runner.step
-                for i in range(warmup):
-                    step()
             except OnnxoptError:
                 raise
             except Exception as e:
                 raise OnnxoptError(f"{m.label}: onnxruntime failed to run it at batch {batch}: {_first_line(e)}") from None
-            info.append({"session_init_ms": init_ms, "first_run_ms": first_ms, "peak_memory_mb": mem.stop()})
+            info.append({"session_init_ms": init_ms, "first_run_ms": first_ms, "peak_memory_mb": None})
             first_outputs.append(outs if check_outputs else {})
             del outs
+
+        # Warm-up after every session exists and right before the timed runs, interleaved
+        # like them: warmed right after its own creation, the first model's warm-up went
+        # stale while the others were created, and its first timed run was its slowest.
+        if warmup:
+            if progress:
+                progress(f"{what}: warm-up", 0, warmup)
+            i = None
+            try:
+                for _ in range(warmup):
+                    for i, r in enumerate(runners):
+                        r.step()
+            except Exception as e:
+                raise OnnxoptError(
+                    f"{loaded[i].label}: onnxruntime failed to run it at batch {batch}: {_first_line(e)}") from None
 
         total = runs
         label = f"{what}: timing {len(loaded)} model{'s' if len(loaded) > 1 else ''}" + (
@@ -619,16 +810,23 @@ def _bench_setting(loaded, config, batch, feeds, *, n_threads, spinning, warmup,
             r.close()
         runners.clear()
 
+    # After the timing, with this process's sessions closed: the children neither compete
+    # with timed runs nor fill a TensorRT engine cache before the first run is timed.
+    if probe_dir is not None:
+        _probe_memory(loaded, config, feeds, info, n_threads=n_threads, spinning=spinning, io_binding=io_binding,
+                      include_copies=include_copies, probe_dir=probe_dir, what=what, progress=progress)
+
     ms = [np.asarray(t, dtype=np.float64) / 1e6 for t in times_ns]
     for m, t, extra in zip(loaded, ms, info):
         stats = latency_stats(t)
-        results.append({
+        result = {
             "model": m.label,
             "path": m.path,
             "ep": config.short,
             "provider": config.name,
             "batch": batch,
             "io_binding": io_binding,
+            "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
             "latency_ms": stats,
             "throughput_per_s": batch * 1000.0 / stats["mean"],
             "runs": int(t.size),
@@ -636,18 +834,23 @@ def _bench_setting(loaded, config, batch, feeds, *, n_threads, spinning, warmup,
             "session_init_ms": extra["session_init_ms"],
             "peak_memory_mb": extra["peak_memory_mb"],
             "threads": {"intra_op": n_threads, "inter_op": 1},
-        })
+        }
+        if extra.get("peak_memory_note"):
+            result["peak_memory_note"] = extra["peak_memory_note"]
+        results.append(result)
         samples[(m.label, config.short, batch)] = t
     for i in range(1, len(loaded)):
-        speedup, (lo, hi) = paired_speedup(ms[0], ms[i], resamples=BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE, seed=seed)
+        speedup, interval = paired_speedup(ms[0], ms[i], resamples=BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE, seed=seed,
+                                           block=block)
         comp = {
             "baseline": loaded[0].label,
             "candidate": loaded[i].label,
             "ep": config.short,
             "batch": batch,
             "speedup": speedup,
-            "speedup_interval": [lo, hi],
+            "speedup_interval": list(interval) if interval is not None else None,  # None: one round, no spread
             "pairs": int(ms[0].size),
+            "rounds": rounds_of(int(ms[0].size), block),
         }
         if check_outputs:
             comp["outputs"] = [d.as_dict() for d in _diff_outputs(first_outputs[0], first_outputs[i], rtol=rtol, atol=atol)]

@@ -1,9 +1,6 @@
 """What the numbers were measured on: CPU, cores, memory, GPU, package versions.
 
-Also the process-memory probe: peak resident memory is read from ``VmHWM`` in
-``/proc/self/status`` after resetting it (writing ``5`` to ``/proc/self/clear_refs``,
-Linux >= 4.0), so each model's peak is its own and not the highest of the whole run.
-Where that is not possible the peak is reported as unknown (``null``), never guessed.
+(Peak memory per model is measured in a child process: see ``memprobe``.)
 """
 
 from __future__ import annotations
@@ -143,37 +140,3 @@ def package_versions() -> dict:
         "onnxopt": _version("onnxopt"),
         "onnx_ir": _version("onnx-ir"),
     }
-
-
-# --- process memory -------------------------------------------------------------------
-
-def _status_kb(field: str) -> int | None:
-    text = _read("/proc/self/status")
-    if not text:
-        return None
-    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
-    return int(m.group(1)) if m else None
-
-
-class PeakMemory:
-    """Peak RSS growth of this process between ``start()`` and ``stop()``, in MB."""
-
-    def __init__(self) -> None:
-        self._base_kb: int | None = None
-        self._resettable = True
-
-    def start(self) -> None:
-        self._base_kb = _status_kb("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-        except OSError:
-            self._resettable = False
-
-    def stop(self) -> float | None:
-        if self._base_kb is None or not self._resettable:
-            return None
-        hwm = _status_kb("VmHWM")
-        if hwm is None:
-            return None
-        return round(max(0, hwm - self._base_kb) / 1024, 2)
