@@ -839,3 +839,19 @@ def test_one_timed_run_has_no_interval(capsys, tmp_path, mlp):
     assert main(["bench", mlp, mlp, "--runs", "1", "--warmup", "0", "--no-memory", "--json", str(js)]) == 0
     assert "x [n/a]" in capsys.readouterr().out
     assert json.loads(js.read_text())["comparisons"][0]["speedup_interval"] is None
+
+
+def test_check_outputs_warns_about_values_nan_in_both_models(tmp_path):
+    from onnx import TensorProto, helper
+
+    from onnxopt.bench import benchmark
+
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])])
+    path = tmp_path / "log.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    report = benchmark([str(path), str(path)], runs=3, warmup=0, check_outputs=True, memory=False)
+    out = report.comparisons[0]["outputs"][0]
+    assert out["within"] and 0 < out["nonfinite"] < out["size"] == 128
+    assert any("NaN or inf in both models" in w for w in report.warnings), report.warnings

@@ -630,6 +630,11 @@ def _run(loaded: list[_Model], configs: list[ProviderConfig], *, n_threads, thre
     # One warning per reason, not one per model and setting.
     for note in dict.fromkeys(r["peak_memory_note"] for r in results if r.get("peak_memory_note")):
         warnings.append(f"peak memory not measured (shown as ?): {note}")
+    for c in comparisons:
+        for o in c.get("outputs", ()):
+            if o.get("nonfinite"):  # equal NaN/inf count as equal: "within" proves nothing there
+                warnings.append(f"{c['candidate']} ({c['ep']}, batch {c['batch']}): output {o['name']!r} has "
+                                f"{o['nonfinite']} of {o['size']} values NaN or inf in both models; compare on real inputs (--inputs)")
     settings = {
         "eps": [c.short for c in configs],
         "providers": {c.short: {"name": c.name, "options": c.options, "device": c.device} for c in configs},
