@@ -472,8 +472,13 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
     if "fallback" in rep:
         fb = rep["fallback"]
         seen = "held-out calibration samples" if fb.get("held_out") else "calibration samples, none held out"
-        out.print(f"output drop (1 - cosine, {seen}): {fb['before']:.4f} -> {fb['after']:.4f}"
-                  + (f", {len(fb['to_float'])} layer(s) back to float" if fb["to_float"] else ""))
+        if fb.get("max_drop") is None:
+            out.print(f"output drop vs fp32 (1 - cosine, {seen}): {fb['after']:.4f}")
+        else:
+            out.print(f"output drop (1 - cosine, {seen}): {fb['before']:.4f} -> {fb['after']:.4f}"
+                      + (f", {len(fb['to_float'])} layer(s) back to float" if fb["to_float"] else ""))
+    for w in rep.get("warnings", ()):
+        console.print(f"onnxopt: warning: {escape(w)}")
 
 
 @cli.command()

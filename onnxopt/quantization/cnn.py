@@ -129,15 +129,17 @@ def _through_scalar_affine(value: ir.Value) -> ir.Node | None:
 
 
 def tailed_activation_tensors(model: ir.Model, tensors: Sequence[str], layers: Sequence = ()) -> list[str]:
-    """The ``tensors`` that are (a scalar affine of) a HardSwish output, in a fully
-    convolutional model (every layer in ``layers`` a Conv): calibrated with ``mse`` instead
-    of min-max when the method is the default (see :data:`_TAILED_ACTIVATIONS`).
+    """The ``tensors`` that are (a scalar affine of) a HardSwish output, in a model whose
+    layers are all Conv or MatMul (no Gemm head): calibrated with ``mse`` instead of min-max
+    when the method is the default (see :data:`_TAILED_ACTIVATIONS`).
 
     Measured: on PP-OCRv4 det (dense text maps) it lifts the text-set min IoU from 0.84 to
-    0.90; on the PP-OCR direction classifier (a Gemm head) it made the class probabilities
-    worse (max difference 0.13 -> 0.21 on 6 images), so classifiers keep min-max.
+    0.90; on PP-OCRv4 rec (convs + a MatMul neck, 100 held-out rendered lines) the CER
+    against fp32 falls from 10.5% to 7.6% (against the truth 15.3% -> 12.6%, fp32 9.1%);
+    on the PP-OCR direction classifier (a Gemm head) it made the class probabilities worse
+    (max difference 0.13 -> 0.21 on 6 images), so classifiers keep min-max.
     """
-    if not layers or any(l.op_type != "Conv" for l in layers):
+    if not layers or any(l.op_type not in ("Conv", "MatMul") for l in layers):
         return []
     values = {v.name: v for n in model.graph for v in n.outputs}
     out = []
