@@ -57,7 +57,7 @@ def _bench(paths: dict[str, str], feed: dict, threads: int, runs: int, block: in
     rep = benchmark([paths[n] for n in names], threads=threads, runs=runs, warmup=5, inputs=feed, block=block, memory=False)
     out = {n: {f"p50_ms{key}": rep.results[i]["latency_ms"]["p50"]} for i, n in enumerate(names)}
     for i, c in enumerate(rep.comparisons, start=1):  # one per candidate after the baseline, in order
-        lo, hi = c["speedup_interval"]
+        lo, hi = c["speedup_interval"] or (float("nan"), float("nan"))  # None: one round
         out[names[i]].update({f"speedup{key}": c["speedup"], f"speedup{key}_lo": lo, f"speedup{key}_hi": hi})
     return out
 
@@ -184,8 +184,9 @@ def minilm(args, tmp: str) -> list[dict]:
         rows[name].update(r)
     # The same pairs with each model run 20 times back to back per round: warm caches, as a
     # deployed model runs. fp32's 90 MB of weights suffer most from alternating runs.
-    for name, r in _bench(paths, one, args.threads, args.runs, block=WARM_BLOCK, key="_warm").items():
-        rows[name].update(r, warm_block=WARM_BLOCK)
+    warm = min(WARM_BLOCK, args.runs)  # a block cannot exceed the runs (onnxopt bench refuses it)
+    for name, r in _bench(paths, one, args.threads, max(args.runs, warm), block=warm, key="_warm").items():
+        rows[name].update(r, warm_block=warm)
     rows["onnxopt"]["thread_scaling"] = [before, _thread_scaling(paths["onnxopt"], one, args.threads)]
     return [{"model": "MiniLM-L6 seq128", "candidate": k, **v} for k, v in rows.items()]
 

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ratios = [row["ratio"] for row in rows if row["ranking"] == "magnitude"]
     for i, c in enumerate(rep.comparisons):
         what = "optimized, not pruned" if i == 0 else f"pruned {ratios[i - 1]}"
-        lo, hi = c["speedup_interval"]
+        lo, hi = c["speedup_interval"] or (float("nan"), float("nan"))  # None: one round
         over_opt = c["speedup"] / rep.comparisons[0]["speedup"]  # both paired against the original
         print(f"  {what:22s} {c['speedup']:.2f}x over the original [{lo:.2f}, {hi:.2f}]"
               + (f", {over_opt:.2f}x over the optimized model" if i else ""))

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     print(f"\nlatency, warm (2 threads, {args.runs} rounds of 20): original {p50[0]:.2f} ms, optimized {p50[1]:.2f} ms")
     for i, c in enumerate(rep.comparisons):
         what = "optimized, not pruned" if i == 0 else f"pruned {list(timed)[i - 1]}"
-        lo, hi = c["speedup_interval"]
+        lo, hi = c["speedup_interval"] or (float("nan"), float("nan"))  # None: one round
         over = c["speedup"] / rep.comparisons[0]["speedup"]
         print(f"  {what:22s} {c['speedup']:.2f}x over the original [{lo:.2f}, {hi:.2f}]"
               + (f", {over:.2f}x over the optimized model" if i else ""))
