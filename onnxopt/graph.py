@@ -58,16 +58,20 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def parameter_stats(model: ir.Model) -> tuple[int, int]:
-    """(number of parameters, bytes) over initializers of all graphs."""
+def parameter_stats(model: ir.Model, *, constants: bool = False) -> tuple[int, int]:
+    """(number of parameters, bytes) over initializers of all graphs; ``constants``: the
+    tensors of Constant nodes too (exporters such as paddle2onnx put weights there)."""
     count = 0
     nbytes = 0
     seen: set[int] = set()
     for graph in all_graphs(model):
         if not isinstance(graph, ir.Graph):
             continue
-        for value in graph.initializers.values():
-            tensor = value.const_value
+        tensors = [value.const_value for value in graph.initializers.values()]
+        if constants:
+            tensors += [n.attributes["value"].value for n in graph
+                        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and "value" in n.attributes]
+        for tensor in tensors:
             if tensor is None or id(tensor) in seen:
                 continue
             seen.add(id(tensor))

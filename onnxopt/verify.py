@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt.errors import VerificationError
+from onnxopt.errors import OnnxoptError, VerificationError
 from onnxopt.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, tensor_bytes
 
 
@@ -230,6 +230,27 @@ def check_model(model: ir.Model) -> None:
                 onnx.checker.check_model(path, full_check=False)
     except Exception as e:  # the checker raises ValidationError and, on odd graphs, others
         raise VerificationError(f"fails the ONNX checker: {_first_line(e)}") from None
+
+
+def check_runs_on(model: ir.Model, feed: Mapping[str, np.ndarray], what: str) -> None:
+    """Raise OnnxoptError if ORT cannot run the (original) ``model`` on ``feed``.
+
+    Calibration data of the right names and ranks can still not fit a model (PP-OCR det at
+    300x300: its FPN adds need multiples of 32). Found later, the failure surfaced as an
+    internal error (prune) or as a wrong diagnosis ("the opset 13 upgrade changes this
+    model's outputs", quantize).
+    """
+    try:
+        sess = make_session(model)
+    except Exception:
+        return  # not loadable at all: the callers' own checks say so in their words
+    try:
+        sess.run(dict(feed))
+    except Exception as e:
+        shapes = ", ".join(f"{k} {'x'.join(map(str, np.shape(v)))}" for k, v in feed.items())
+        raise OnnxoptError(f"the model does not run on {what} ({shapes}): {_first_line(e)}") from None
+    finally:
+        sess.close()
 
 
 def check_loads(model: ir.Model, original: ir.Model) -> None:

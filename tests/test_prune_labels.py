@@ -21,7 +21,7 @@ def test_prune_with_random_calibration_says_so_and_accounts_for_every_refit_laye
     rep = json.loads(report.read_text())
     # Random feeds are a smoke test wherever the run is described, not "calibration data".
     assert rep["ranking"] == "activation-aware (random data: a smoke test)"
-    assert rep["evaluated_on"] == "4 random smoke-test samples"
+    assert rep["evaluated_on"] == "4 random smoke-test samples the fit also used: optimistic, --max-drop holds some out"
     assert "(calibration data)" not in stdout and "4 calibration samples" not in stdout + err
     # Every candidate is either refit or kept its cut weights, with why; here deep convs at
     # 5x5 see too few rows, so both kinds occur.
@@ -34,7 +34,7 @@ def test_prune_with_random_calibration_says_so_and_accounts_for_every_refit_laye
                                  "weights (too few calibration rows to fit them)"), progress
     summary = " ".join(stdout.split())  # rich wraps long lines
     assert f"{len(done)} of {total} layers refit ({len(skipped)} kept their cut weights: too few calibration rows" in summary
-    assert f"({rep['params_after'] / rep['params_before']:.0%} kept)" in summary
+    assert f"({rep['params_after'] / rep['params_input']:.0%} of the input's)" in summary
 
 
 def test_prune_reports_cosine_na_on_the_det_models_near_zero_maps(capsys, tmp_path):
@@ -61,3 +61,21 @@ def test_cosine_still_flags_an_output_that_collapses_to_zero():
     new = [{"y": np.zeros(16, np.float32)}, {"y": np.zeros(16, np.float32)}]
     out = _output_agreement(ref, new)["y"]
     assert out["cosine_min"] == 0.0 and out["cosine_feeds"] == 1 and out["feeds"] == 2
+
+
+def test_prune_counts_the_input_files_parameters_and_a_classifiers_top1(capsys, tmp_path):
+    """cls: the summary's 'before' was the BatchNorm-folded count (127,225, not the file's
+    133,700), and cosine alone cannot show a broken 2-class classifier (>= 0.707 always)."""
+    import numpy as np
+
+    from onnxopt.pruning import prune
+    from onnxopt.testing import real_models as rm
+
+    cls = real_model("cls")
+    calib = [{"x": rm.cls_preprocess(img)} for _, img in rm.images("calib", 6)]
+    rep = prune(str(cls), ratio=0.5, calib=calib, progress=False).report
+    assert rep["params_input"] > rep["params_before"] > rep["params_after"]
+    (out,) = rep["outputs_vs_original"].values()
+    assert 0.0 <= out["top1_agreement"] <= 1.0
+    np.testing.assert_allclose(out["top1_agreement"] * 6, round(out["top1_agreement"] * 6))  # 6 rows
+    assert "the fit also used" in rep["evaluated_on"]

@@ -28,10 +28,12 @@ def refit_summary(rep: dict) -> str:
 def summary_line(rep: dict, output: str) -> str:
     """The one-line result: groups, channels, parameters kept, ranking and refit."""
     pb, pa = rep["params_before"], rep["params_after"]
+    pi = rep.get("params_input", pb)
     refit = refit_summary(rep)
+    folded = f" ({pb:,} after BatchNorm folding)" if pi != pb else ""
     return (f"{escape(str(output))}: {rep['spaces_pruned']} channel groups pruned ({rep['channels_before']} -> "
-            f"{rep['channels_after']} channels), parameters {pb:,} -> {pa:,} ({pa / max(pb, 1):.0%} kept); "
-            f"ranking: {escape(rep['ranking'])}" + (f"; {refit}" if refit else ""))
+            f"{rep['channels_after']} channels), parameters {pi:,}{folded} -> {pa:,} ({pa / max(pi, 1):.0%} of the "
+            f"input's); ranking: {escape(rep['ranking'])}" + (f"; {refit}" if refit else ""))
 
 
 def output_line(name: str, d: dict, evaluated_on: str) -> str:
@@ -42,7 +44,9 @@ def output_line(name: str, d: dict, evaluated_on: str) -> str:
         cosine = f"cosine min {d['cosine_min']:.4f}"
         if d.get("cosine_feeds", d.get("feeds")) != d.get("feeds"):
             cosine += f" (over {d['cosine_feeds']} of {d['feeds']} inputs; on the others both outputs are ~0)"
-    return f"output {escape(name)} vs the original ({escape(evaluated_on)}): {cosine}, max abs error {d['max_abs']:.4g}"
+    top1 = f", top-1 class unchanged on {d['top1_agreement']:.0%} of rows" if "top1_agreement" in d else ""
+    return (f"output {escape(name)} vs the original ({escape(evaluated_on)}): {cosine}, max abs error "
+            f"{d['max_abs']:.4g}{top1}")
 
 
 def print_summary(rep: dict, output: str, max_drop: float | None, out, console) -> None:

@@ -223,6 +223,9 @@ def quantize(
 
     # Open (and validate the first feed of) the calibration data before any slow work.
     data = load_calibration_data(calib, src, samples=samples, image_spec=image_spec, shapes=shapes, reject_nan=True)
+    from onnxopt.verify import check_runs_on
+
+    check_runs_on(src, data.first(), "the first calibration sample")
 
     # CNN defaults (.cnn): decomposed hard-swish -> opset 14, so the pipeline fuses it.
     before = opset_version(src)
