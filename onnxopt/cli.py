@@ -425,7 +425,7 @@ def bench(models, eps, threads, spin, block, warmup, runs, duration, shapes, inp
               help="cpu: uint8 asymmetric activations + int8 per-channel weights; tensorrt: int8 symmetric both; generic: as cpu (the scheme every QDQ runtime accepts).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel (needs opset 13: upgraded if older).")
 @click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep this node (name) or op type in float (repeatable).")
-@click.option("--samples", type=int, help="Use only the first N calibration samples.")
+@click.option("--samples", type=click.IntRange(min=1), help="Use only the first N calibration samples.")
 @click.option("--max-drop", type=float, metavar="X",
               help="Accuracy budget: 1 - cosine of the outputs on held-out calibration samples; noisiest layers go back to float until it holds.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report (per-layer SQNR, fallback, fused kernels) as JSON.")
@@ -489,7 +489,7 @@ def quantize(model, output, calib, method, target, per_channel, exclude, samples
 @click.option("--calib", metavar="DATA",
               help="Calibration data (as for 'onnxopt quantize'): ranks channels by their activations and refits the "
                    "layers that read pruned channels by least squares. Without it: weight-magnitude ranking, no refit.")
-@click.option("--samples", type=int, help="Use only the first N calibration samples.")
+@click.option("--samples", type=click.IntRange(min=1), help="Use only the first N calibration samples.")
 @click.option("--image-size", metavar="HxW", help="Image calibration: resize to HxW, [-1,1] normalised RGB NCHW; see --image-spec.")
 @click.option("--image-spec", metavar="SPEC", help="Image preprocessing, e.g. '640x640,mean=0.5,std=0.5,bgr,nchw'.")
 @click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep the output channels of this node (name) or op type (repeatable).")
