@@ -135,7 +135,8 @@ def optimize(
         for name, peak in verifier.unseen_outputs():
             result.warnings.append(
                 f"output {name!r} stays below {peak:.2g} on the sample inputs, within atol {atol:g}: the check "
-                "cannot see a change in it; verify on real inputs (--inputs FILE.npz)"
+                "cannot see a change in it; verify on real inputs (--inputs FILE.npz) or at the sizes the model "
+                "is used at (--shape)"
             )
         for name, bad, size in verifier.nonfinite_outputs():
             result.warnings.append(
