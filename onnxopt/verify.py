@@ -390,13 +390,10 @@ class Verifier:
         non-finite on the sample inputs is verified only where it is finite.
         """
         counts: dict[str, list[int]] = {}
-        for ref in self.reference:
-            for name, v in ref.items():
-                v = np.asarray(v)
-                if v.dtype.kind in "fc":
-                    c = counts.setdefault(name, [0, 0])
-                    c[0] += int(np.count_nonzero(~np.isfinite(v)))
-                    c[1] += int(v.size)
+        for name, v in self._reference_arrays("fc"):
+            c = counts.setdefault(name, [0, 0])
+            c[0] += int(np.count_nonzero(~np.isfinite(v)))
+            c[1] += int(v.size)
         return [(name, bad, size) for name, (bad, size) in counts.items() if bad]
 
     def unseen_outputs(self) -> list[tuple[str, float]]:
@@ -408,13 +405,19 @@ class Verifier:
         on noise the detector's outputs move by 5-26% (relative L2) under float reassociation.
         """
         peaks: dict[str, float] = {}
+        for name, v in self._reference_arrays("f"):
+            if v.size:
+                finite = np.abs(v[np.isfinite(v)])
+                peaks[name] = max(peaks.get(name, 0.0), float(finite.max()) if finite.size else 0.0)
+        return [(name, peak) for name, peak in peaks.items() if 0.0 < peak <= self.atol]
+
+    def _reference_arrays(self, kinds: str):
+        """(output, array) of every reference output whose dtype kind is in ``kinds``, feed by feed."""
         for ref in self.reference:
             for name, v in ref.items():
                 v = np.asarray(v)
-                if v.dtype.kind == "f" and v.size:
-                    finite = np.abs(v[np.isfinite(v)])
-                    peaks[name] = max(peaks.get(name, 0.0), float(finite.max()) if finite.size else 0.0)
-        return [(name, peak) for name, peak in peaks.items() if 0.0 < peak <= self.atol]
+                if v.dtype.kind in kinds:
+                    yield name, v
 
     def verify(self, model: ir.Model) -> None:
         """Raise VerificationError with a one-line reason if the model is not equivalent."""

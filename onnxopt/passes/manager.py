@@ -273,10 +273,9 @@ class PassManager:
         # blamed. Rollbacks by "each" hold for one run only: they may have been blamed for a
         # change an earlier, unreported pass made, so a re-run without the culprit retries them.
         blamed: dict[str, str] = {}
-        warnings: list[str] = []
         while True:
             work = _clone(pristine)
-            warnings = []  # a discarded run's warnings do not describe the result
+            warnings: list[str] = []  # a discarded run's warnings do not describe the result
             try:
                 work, stats, failures = self._run_pipeline(work, blamed, warnings)
             except _Restart as restart:

@@ -388,9 +388,8 @@ def quantize(
     if glue_nodes:
         rep["glue"] = {g.op_type: sum(1 for x in glue_nodes if x.op_type == g.op_type) for g in glue_nodes}
     if not layers:
-        infinite = getattr(data, "infinite_inputs", {})
         hint = "".join(f"; {label}: input {name!r} holds inf values (fix or drop that sample)"
-                       for name, label in infinite.items())
+                       for name, label in data.infinite_inputs.items())
         raise OnnxoptError("nothing to quantize: every candidate layer's input range is unusable "
                            f"(see the reasons with --report){hint}")
     if range_search:
